@@ -1,0 +1,37 @@
+"""clipcl: teach a CLIP model new classes from image folders, task after task, without forgetting the old ones."""
+
+__version__ = "0.1.0"
+
+from .backbone import ModelSpec, load_backbone, resolve_model_spec  # noqa: E402
+from .engine import Progress, TaskReport, TrainOptions, add_task  # noqa: E402
+from .errors import ClipclError, DataError, ModelError, WorkspaceError  # noqa: E402
+from .methods import Method, TaskInfo, available_methods, register_method  # noqa: E402
+from .workspace import Workspace  # noqa: E402
+
+
+def init_workspace(path: str, model: str, pretrained: str | None = None, method: str = "dma",
+                   options: dict[str, str] | None = None) -> Workspace:
+    """Create a workspace for ``model`` (open_clip name, ``hf-hub:`` id or config JSON) and ``method``."""
+    return Workspace.create(path, resolve_model_spec(model, pretrained), method, options)
+
+
+__all__ = [
+    "ClipclError",
+    "DataError",
+    "Method",
+    "ModelError",
+    "ModelSpec",
+    "Progress",
+    "TaskInfo",
+    "TaskReport",
+    "TrainOptions",
+    "Workspace",
+    "WorkspaceError",
+    "__version__",
+    "add_task",
+    "available_methods",
+    "init_workspace",
+    "load_backbone",
+    "register_method",
+    "resolve_model_spec",
+]

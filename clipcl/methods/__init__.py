@@ -1,0 +1,22 @@
+"""Registered continual-learning methods. Importing a method's module registers it."""
+
+from . import dma  # noqa: F401
+from .base import (
+    Method,
+    MethodConfig,
+    TaskInfo,
+    available_methods,
+    build_config,
+    get_method_class,
+    register_method,
+)
+
+__all__ = [
+    "Method",
+    "MethodConfig",
+    "TaskInfo",
+    "available_methods",
+    "build_config",
+    "get_method_class",
+    "register_method",
+]

@@ -1,0 +1,157 @@
+"""The interface between the engine and a continual-learning method.
+
+The engine knows nothing about any method. A method is an ``nn.Module`` that
+
+* restores the tasks already stored (:meth:`Method.restore_task`, in task order),
+* sets itself up for a new task (:meth:`Method.begin_task`) and names what trains (:meth:`Method.trainable_parameters`),
+* returns its training loss from ``forward(images, labels)`` (labels index all classes seen so far),
+* may gather statistics after training (:meth:`Method.end_task`),
+* names the tensors to store for a task (:meth:`Method.task_tensors`), and
+* scores images over every class learned so far (:meth:`Method.predict_proba`).
+
+It registers itself by name with :func:`register_method`, so adding a method never touches the engine or the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+from ..errors import ClipclError
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task as a method sees it: its number (from 1), its classes and the global index of its first class."""
+
+    index: int
+    classes: tuple[str, ...]
+    offset: int
+
+    @property
+    def class_slice(self) -> slice:
+        return slice(self.offset, self.offset + len(self.classes))
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's hyperparameters; each field's ``metadata["help"]`` documents it."""
+
+
+class Method(nn.Module, ABC):
+    """A continual-learning method driven by the engine (see the module docstring for the life cycle)."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    default_epochs: ClassVar[int] = 5
+    default_lr: ClassVar[float] = 1e-3
+    summary: ClassVar[str] = ""
+
+    def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.clip = backbone.model  # registered, so .to(device) moves the base model with the method's own state
+        self.config = config
+        self.tasks: list[TaskInfo] = []
+
+    @property
+    def classes(self) -> list[str]:
+        return [name for task in self.tasks for name in task.classes]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip.parameters()).device
+
+    @abstractmethod
+    def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
+        """Rebuild a stored task's state from the tensors :meth:`task_tensors` returned for it."""
+
+    @abstractmethod
+    def begin_task(self, task: TaskInfo) -> None:
+        """Prepare to learn ``task`` (new adapters, prompts, ...); it becomes ``self.tasks[-1]``."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser updates for the current task; everything else is frozen by the engine."""
+        return []
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of one batch (labels index ``self.classes``)."""
+        raise ClipclError(f"method {self.name} has nothing to train")
+
+    def end_task(self, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:  # noqa: B027
+        """Gather statistics over the task's training images (eval transform) after training; optional."""
+
+    @abstractmethod
+    def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
+        """The tensors to store for ``task``; never anything of another task."""
+
+    @abstractmethod
+    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``[batch, len(self.classes)]`` (rows sum to 1)."""
+
+    def task_metadata(self, task: TaskInfo) -> dict[str, Any]:
+        """Extra facts about a task worth recording in its ``task.json`` (sizes, frozen experts, ...)."""
+        return {}
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available as ``clipcl init --method <cls.name>``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two methods registered as {cls.name!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> dict[str, type[Method]]:
+    """Registered methods: clipcl's own plus any installed under the ``clipcl.methods`` entry-point group."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="clipcl.methods"):
+        if entry.name not in _REGISTRY:
+            entry.load()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_method_class(name: str) -> type[Method]:
+    methods = available_methods()
+    if name not in methods:
+        raise ClipclError(f"unknown method {name!r} (available: {', '.join(methods)})")
+    return methods[name]
+
+
+def _convert(value: str, kind: type, key: str) -> Any:
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        return kind(value)
+    except ValueError as exc:
+        raise ClipclError(f"option {key}={value!r}: expected {kind.__name__}") from exc
+
+
+def build_config(method: type[Method], overrides: dict[str, str] | None = None,
+                 stored: dict[str, Any] | None = None) -> MethodConfig:
+    """A method's config from defaults, a stored manifest entry, and ``KEY=VALUE`` overrides from the CLI."""
+    fields = {f.name: f for f in dataclasses.fields(method.config_class)}
+    types = typing.get_type_hints(method.config_class)
+    values: dict[str, Any] = dict(stored or {})
+    for key, value in (overrides or {}).items():
+        if key not in fields:
+            raise ClipclError(f"method {method.name} has no option {key!r} (options: {', '.join(fields) or 'none'})")
+        values[key] = _convert(value, types[key], key)
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ClipclError(f"stored options unknown to method {method.name}: {', '.join(sorted(unknown))}")
+    return method.config_class(**values)

@@ -1,0 +1,189 @@
+"""``dma``: dual-modality adaptation (Chen et al., Neural Networks 2025); ../shared/METHODS.md §1.
+
+Each task gets its own LoRA on the image encoder's attention projections (a named peft adapter, frozen once the task
+ends) and one learnable context per class, fed through the frozen text encoder (CoOp with class-specific context).
+Training is cross-entropy over every class seen so far: earlier classes enter through their frozen prompts, whose
+text features are computed once when the task begins, so only the current task's LoRA and prompts get gradients.
+
+Inference is task-aware: the image is encoded once per task with that task's LoRA, the softmax over all classes is
+taken, and each task contributes the probabilities of its own classes; the highest wins.
+
+The context is initialised from the embedding of ``context_init`` ("a photo of a") in its last positions; positions
+beyond the phrase's length start as N(0, 0.02) (CoOp's random initialisation). With ``context_tokens`` equal to the
+phrase's length the initial prompts reproduce zero-shot CLIP exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+
+from ..backbone import (
+    Backbone,
+    context_tokens,
+    encode_text_with_context,
+    linearize_attention,
+    phrase_embedding,
+)
+from .base import Method, MethodConfig, TaskInfo, register_method
+
+ATTENTION_PROJECTIONS = r".*\.attn\.(q_proj|k_proj|v_proj|out_proj|qkv|proj)"
+LORA_PREFIX = "lora."
+CONTEXT_KEY = "prompt.context"
+CLASS_MEANS_KEY = "router.class_means"
+
+
+@dataclass
+class DMAConfig(MethodConfig):
+    lora_rank: int = field(default=8, metadata={"help": "rank of each task's LoRA"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / rank)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    context_tokens: int = field(default=8, metadata={"help": "learnable context tokens per class (M)"})
+    context_init: str = field(default="a photo of a", metadata={"help": "phrase whose embedding starts the context"})
+
+
+def initial_context(backbone: Backbone, n_classes: int, n_tokens: int, phrase: str) -> torch.Tensor:
+    """``[n_classes, n_tokens, width]`` context: the phrase's embedding at the end, N(0, 0.02) before it."""
+    phrase_vectors = phrase_embedding(backbone, phrase)[-n_tokens:] if phrase else None
+    width = backbone.token_embedding().embedding_dim
+    context = torch.randn(n_tokens, width) * 0.02  # the engine seeds the global generator
+    if phrase_vectors is not None and len(phrase_vectors):
+        context[n_tokens - len(phrase_vectors):] = phrase_vectors.cpu()
+    return context.unsqueeze(0).repeat(n_classes, 1, 1)
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Mean feature of each class (rows of ``features`` labelled 0..n_classes-1)."""
+    sums = torch.zeros(n_classes, features.shape[1], dtype=torch.float32, device=features.device)
+    sums.index_add_(0, labels, features.float())
+    counts = torch.bincount(labels, minlength=n_classes).clamp_min(1).unsqueeze(1)
+    return sums / counts
+
+
+@register_method
+class DMA(Method):
+    name = "dma"
+    config_class = DMAConfig
+    default_epochs = 5
+    default_lr = 1e-3
+    summary = "LoRA per task on the image encoder + class-specific prompts; task-aware inference (default)"
+
+    config: DMAConfig
+
+    def __init__(self, backbone: Backbone, config: DMAConfig) -> None:
+        super().__init__(backbone, config)
+        linearize_attention(self.clip.visual)
+        self.lora_config = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=ATTENTION_PROJECTIONS,
+        )
+        self.visual: PeftModel | None = None
+        self.contexts = nn.ParameterList()
+
+    # --- per-task state -------------------------------------------------------------------------------------------
+    @staticmethod
+    def adapter_name(task: TaskInfo) -> str:
+        return f"task-{task.index}"
+
+    def _add_adapter(self, task: TaskInfo) -> None:
+        if self.visual is None:
+            self.visual = get_peft_model(self.clip.visual, self.lora_config, adapter_name=self.adapter_name(task))
+        else:
+            self.visual.add_adapter(self.adapter_name(task), self.lora_config)
+        self.visual.to(self.device)
+        self.visual.set_adapter(self.adapter_name(task))
+
+    def _tokens(self, task: TaskInfo) -> torch.Tensor:
+        return getattr(self, f"tokens_{task.index}")
+
+    def _text_features(self, task: TaskInfo) -> torch.Tensor:
+        return getattr(self, f"text_features_{task.index}")
+
+    def _register_task(self, task: TaskInfo, context: torch.Tensor) -> None:
+        self.tasks.append(task)
+        self.contexts.append(nn.Parameter(context.to(self.device)))
+        tokens = context_tokens(self.backbone, list(task.classes), self.config.context_tokens).to(self.device)
+        self.register_buffer(f"tokens_{task.index}", tokens, persistent=False)
+        self.register_buffer(f"text_features_{task.index}", self._encode_prompts(task).detach(), persistent=False)
+
+    def _encode_prompts(self, task: TaskInfo) -> torch.Tensor:
+        return encode_text_with_context(self.backbone, self._tokens(task), self.contexts[task.index - 1])
+
+    def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
+        self._add_adapter(task)
+        lora = {k[len(LORA_PREFIX):]: v for k, v in tensors.items() if k.startswith(LORA_PREFIX)}
+        result = set_peft_model_state_dict(self.visual, lora, adapter_name=self.adapter_name(task))
+        missing = [k for k in result.missing_keys if self.adapter_name(task) in k]
+        if missing:
+            raise ValueError(f"stored LoRA of task {task.index} lacks {len(missing)} tensors")
+        self.register_buffer(f"class_means_{task.index}", tensors[CLASS_MEANS_KEY].to(self.device), persistent=False)
+        with torch.no_grad():
+            self._register_task(task, tensors[CONTEXT_KEY])
+
+    def begin_task(self, task: TaskInfo) -> None:
+        self._add_adapter(task)
+        context = initial_context(self.backbone, len(task.classes), self.config.context_tokens,
+                                  self.config.context_init)
+        with torch.no_grad():
+            self._register_task(task, context)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        assert self.visual is not None
+        current = self.adapter_name(self.tasks[-1])
+        lora = [p for n, p in self.visual.named_parameters() if f".{current}." in n and "lora_" in n]
+        return [*lora, self.contexts[-1]]
+
+    # --- training -------------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        current = self.tasks[-1]
+        image_features = self.backbone.encode_images(images)
+        old = [self._text_features(t) for t in self.tasks[:-1]]
+        text_features = torch.cat([*old, self._encode_prompts(current)])
+        logits = self.backbone.logit_scale() * image_features @ text_features.T
+        return F.cross_entropy(logits, labels)
+
+    @torch.no_grad()
+    def end_task(self, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._text_features(task).copy_(self._encode_prompts(task))
+        assert self.visual is not None
+        features, labels = [], []
+        with self.visual.disable_adapter():
+            for images, batch_labels in batches:
+                features.append(self.backbone.encode_images(images.to(self.device)).float())
+                labels.append(batch_labels.to(self.device) - task.offset)
+        means = class_means(torch.cat(features), torch.cat(labels), len(task.classes))
+        self.register_buffer(f"class_means_{task.index}", F.normalize(means, dim=-1), persistent=False)
+
+    def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
+        assert self.visual is not None
+        lora = get_peft_model_state_dict(self.visual, adapter_name=self.adapter_name(task))
+        return {
+            **{LORA_PREFIX + k: v for k, v in lora.items()},
+            CONTEXT_KEY: self.contexts[task.index - 1].detach(),
+            CLASS_MEANS_KEY: getattr(self, f"class_means_{task.index}"),
+        }
+
+    # --- inference ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+        assert self.visual is not None
+        text_features = torch.cat([self._text_features(t) for t in self.tasks])
+        scale = self.backbone.logit_scale()
+        scores = []
+        try:
+            for task in self.tasks:
+                self.visual.base_model.set_adapter(self.adapter_name(task))
+                image_features = self.backbone.encode_images(images)
+                probs = (scale * image_features @ text_features.T).float().softmax(dim=-1)
+                scores.append(probs[:, task.class_slice])
+        finally:
+            self.visual.base_model.set_adapter(self.adapter_name(self.tasks[-1]))
+        combined = torch.cat(scores, dim=1)
+        return combined / combined.sum(dim=1, keepdim=True)

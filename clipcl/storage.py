@@ -1,0 +1,114 @@
+"""Crash-safe file writes and checksummed tensor files.
+
+Every file clipcl stores goes through :func:`atomic_write_bytes`: the bytes are written to a hidden sibling, flushed
+to disk, and renamed over the target, so a reader (or a crash) only ever sees the old file or the new one, never a
+half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from .errors import WorkspaceError
+
+TEMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry so a rename inside it survives a power loss."""
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``."""
+    path = Path(path)
+    tmp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def to_json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, to_json_bytes(obj))
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file, naming the file in the error when it is missing or not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise WorkspaceError(f"missing file {path}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WorkspaceError(f"corrupt JSON in {path}: {exc}") from exc
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise tensors as safetensors bytes (contiguous CPU copies, so views and GPU tensors are fine)."""
+    prepared = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    return save_safetensors_bytes(prepared, metadata=metadata)
+
+
+def load_tensor_file(path: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, checking its checksum when one was recorded."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError as exc:
+        raise WorkspaceError(f"missing tensor file {path}") from exc
+    if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
+        raise WorkspaceError(f"checksum mismatch in {path}: the file was modified or is damaged")
+    try:
+        return load_safetensors_bytes(data)
+    except (SafetensorError, ValueError) as exc:
+        raise WorkspaceError(f"corrupt tensor file {path}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def removing_on_error(path: Path) -> Iterator[Path]:
+    """Yield ``path``; delete it (file or tree) if the block raises, so failed work leaves no debris."""
+    import shutil
+
+    try:
+        yield path
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise

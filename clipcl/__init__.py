@@ -2,11 +2,11 @@
 
 __version__ = "0.1.0"
 
-from .backbone import ModelSpec, load_backbone, resolve_model_spec  # noqa: E402
-from .engine import Progress, TaskReport, TrainOptions, add_task  # noqa: E402
-from .errors import ClipclError, DataError, ModelError, WorkspaceError  # noqa: E402
-from .methods import Method, TaskInfo, available_methods, register_method  # noqa: E402
-from .workspace import Workspace  # noqa: E402
+from .backbone import ModelSpec, load_backbone, resolve_model_spec
+from .engine import Progress, TaskReport, TrainOptions, add_task
+from .errors import ClipclError, DataError, ModelError, WorkspaceError
+from .methods import Method, TaskInfo, available_methods, register_method
+from .workspace import Workspace
 
 
 def init_workspace(path: str, model: str, pretrained: str | None = None, method: str = "dma",

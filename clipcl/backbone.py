@@ -66,11 +66,15 @@ class ModelSpec:
 
 
 def _looks_like_path(value: str) -> bool:
-    return "/" in value or "\\" in value or value.lower().endswith(WEIGHT_SUFFIXES + (".json",))
+    return "/" in value or "\\" in value or value.lower().endswith((*WEIGHT_SUFFIXES, ".json"))
 
 
-def resolve_model_spec(model: str, pretrained: str | None) -> ModelSpec:
-    """Check a ``--model``/``--pretrained`` pair without loading weights, and pin it down as a :class:`ModelSpec`."""
+def resolve_model_spec(model: str, pretrained: str | None, allow_random_weights: bool = False) -> ModelSpec:
+    """Check a ``--model``/``--pretrained`` pair without loading weights, and pin it down as a :class:`ModelSpec`.
+
+    A model without pretrained weights is refused unless ``allow_random_weights``: open_clip would initialise it
+    randomly on every load, so adapters stored on top of it could never be used again.
+    """
     config = None
     if model.lower().endswith(".json"):
         path = Path(model).expanduser()
@@ -109,6 +113,8 @@ def resolve_model_spec(model: str, pretrained: str | None) -> ModelSpec:
             raise ModelError(f"unknown pretrained tag {pretrained!r} for {name} (known: {offered})")
     elif pretrained is not None:
         raise ModelError(f"a custom model config takes a weights file for --pretrained, not the tag {pretrained!r}")
+    elif not name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)) and not allow_random_weights:
+        raise ModelError(f"--pretrained is required for {name}: a tag such as openai, or a weights file")
     return ModelSpec(name=name, pretrained=pretrained, pretrained_sha256=sha, config=config)
 
 
@@ -248,7 +254,7 @@ def load_backbone(spec: ModelSpec, config_dir: Path | None = None, device: str |
             spec.name, pretrained=spec.pretrained, device=device
         )
         tokenizer = open_clip.get_tokenizer(spec.name)
-    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # open_clip, torch.load and the hub raise many types; each means "cannot load"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load {spec.describe()}: {first_line}") from exc
     model.eval()

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperGroup
@@ -28,8 +28,16 @@ from .methods import available_methods
 from .workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
 
 DEBUG_ENV = "CLIPCL_DEBUG"
-console = Console()
-err_console = Console(stderr=True)
+
+
+def out() -> Console:
+    """A console for results, made per use so it follows the current terminal (and ``COLUMNS``)."""
+    return Console()
+
+
+def err() -> Console:
+    """A console for progress and warnings, on stderr."""
+    return Console(stderr=True)
 
 
 def _one_line(message: str) -> str:
@@ -43,20 +51,20 @@ class OneLineErrors(TyperGroup):
         kwargs["standalone_mode"] = False
         try:
             result = super().main(*args, **kwargs)
-        except click.ClickException as exc:
-            err_console.print(f"error: {_one_line(exc.format_message())}", markup=False, highlight=False)
+        except typer.TyperException as exc:  # usage errors: unknown flag, bad value, missing argument
+            typer.echo(f"error: {_one_line(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
-        except click.Abort:
-            err_console.print("aborted", markup=False)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
             sys.exit(130)
         except ClipclError as exc:
-            err_console.print(f"error: {_one_line(str(exc))}", markup=False, highlight=False)
+            typer.echo(f"error: {_one_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except Exception as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
-            err_console.print(f"internal error: {type(exc).__name__}: {_one_line(str(exc))} "
-                              f"(set {DEBUG_ENV}=1 for the traceback)", markup=False, highlight=False)
+            typer.echo(f"internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+                       f"(set {DEBUG_ENV}=1 for the traceback)", err=True)
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
 
@@ -80,7 +88,7 @@ WorkspaceOption = Annotated[
 
 def _version_callback(value: bool) -> None:
     if value:
-        console.print(f"clipcl {__version__}")
+        out().print(f"clipcl {__version__}")
         raise typer.Exit()
 
 
@@ -126,34 +134,39 @@ def init(
     spec = resolve_model_spec(model, pretrained)
     ws = Workspace.create(workspace, spec, method, _parse_sets(set_ or []))
     options = ", ".join(f"{k}={v}" for k, v in ws.method_config.items())
-    console.print(f"Created workspace [bold]{ws.path}[/]: model {spec.describe()}, method {method}"
+    out().print(f"Created workspace [bold]{ws.path}[/]: model {spec.describe()}, method {method}"
                   + (f" ({options})" if options else ""))
-    console.print(f"Next: clipcl add-task -w {ws.path} PATH/TO/FOLDER")
+    out().print(f"Next: clipcl add-task -w {ws.path} PATH/TO/FOLDER")
 
 
 class RichProgress(EngineProgress):
-    """Draws the engine's stages as rich progress bars with the running loss and throughput."""
+    """Draws each stage of the engine as its own rich progress bar with the running loss and throughput."""
 
     def __init__(self) -> None:
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), console=err_console, transient=False,
-        )
+        self.bar: Progress | None = None
         self.current: Any = None
 
     def warn(self, message: str) -> None:
-        self.bar.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+        err().print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     def stage_start(self, description: str, total: int) -> None:
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), console=err(),
+        )
         self.bar.start()
         self.current = self.bar.add_task(description, total=total, metrics="")
 
     def stage_advance(self, steps: int = 1, **metrics: float) -> None:
+        if self.bar is None:
+            return
         text = "  ".join(f"{k.replace('_per_s', '/s').replace('images', 'img')} {v:.3g}" for k, v in metrics.items())
         self.bar.update(self.current, advance=steps, **({"metrics": text} if text else {}))
 
     def stage_end(self) -> None:
-        self.bar.stop()
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 def _percent(value: float | None) -> str:
@@ -200,8 +213,8 @@ def add_task_command(
     options = TrainOptions(name=name, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, holdout=holdout,
                            precision=precision, workers=workers, evaluate=evaluate)
     report = add_task(workspace, folder, options, RichProgress())
-    console.print(_report_table(report))
-    console.print(f"Stored task {report.details['id']} in {Path(workspace) / report.task.dir}")
+    out().print(_report_table(report))
+    out().print(f"Stored task {report.details['id']} in {Path(workspace) / report.task.dir}")
 
 
 @app.command()
@@ -230,7 +243,7 @@ def tasks(
                    "method_config": ws.method_config, "classes": ws.classes, "tasks": rows}
         print(json.dumps(summary, indent=2))
         return
-    console.print(f"[bold]{ws.path}[/]: model {ws.model_spec.describe()}, method {ws.method_name}, "
+    out().print(f"[bold]{ws.path}[/]: model {ws.model_spec.describe()}, method {ws.method_name}, "
                   f"{len(ws.classes)} classes in {len(rows)} tasks")
     table = Table(show_header=True)
     for column, justify in (("task", "right"), ("name", "left"), ("classes", "left"), ("train", "right"),
@@ -244,7 +257,7 @@ def tasks(
                       str(row["train_images"]), str(row["heldout_images"]), _size(row["tensor_bytes"]),
                       row["created_at"].replace("T", " ")[:16], _percent(accuracy.get("task")),
                       _percent(accuracy.get("all")))
-    console.print(table)
+    out().print(table)
 
 
 def _size(n_bytes: int) -> str:

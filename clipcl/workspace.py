@@ -125,6 +125,7 @@ class Workspace:
             (path / "model").mkdir(exist_ok=True)
             atomic_write_json(path / "model" / f"{spec.name}.json", spec.config)
         (path / "tasks").mkdir(exist_ok=True)
+        (path / ".lock").touch()  # exists from the start, so taking the lock never changes the folder
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,

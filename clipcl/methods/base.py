@@ -86,7 +86,7 @@ class Method(nn.Module, ABC):
         """The training loss of one batch (labels index ``self.classes``)."""
         raise ClipclError(f"method {self.name} has nothing to train")
 
-    def end_task(self, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:  # noqa: B027
+    def end_task(self, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Gather statistics over the task's training images (eval transform) after training; optional."""
 
     @abstractmethod

@@ -1,0 +1,112 @@
+"""Every bad input gives exit code 2, one error line, no traceback, and leaves the workspace byte-for-byte as it was."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import FAST, invoke, make_task, snapshot
+
+
+def assert_clean_failure(result, workspace: Path | None, before: dict[str, bytes] | None, needle: str) -> None:
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert needle in errors[0]
+    assert "Traceback" not in result.output
+    if workspace is not None:
+        assert snapshot(workspace) == before
+
+
+@pytest.fixture
+def trained(workspace: Path, task_factory, runner) -> Path:
+    result = invoke(runner, "add-task", "-w", workspace, task_factory("first", ["red", "green"]), *FAST)
+    assert result.exit_code == 0, result.output
+    return workspace
+
+
+def test_missing_folder(trained: Path, runner) -> None:
+    before = snapshot(trained)
+    result = invoke(runner, "add-task", "-w", trained, trained.parent / "nope")
+    assert_clean_failure(result, trained, before, "dataset folder not found")
+
+
+def test_folder_without_class_subfolders(trained: Path, tmp_path: Path, runner) -> None:
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "loose.png").write_bytes(b"")
+    before = snapshot(trained)
+    assert_clean_failure(invoke(runner, "add-task", "-w", trained, flat), trained, before, "no class sub-folders")
+
+
+def test_class_without_a_readable_image(trained: Path, tmp_path: Path, runner) -> None:
+    folder = make_task(tmp_path / "broken", ["blue"], per_class=4)
+    (folder / "cyan").mkdir()
+    (folder / "cyan" / "a.jpg").write_bytes(b"not a jpeg at all")
+    (folder / "cyan" / "notes.txt").write_text("not an image")
+    before = snapshot(trained)
+    result = invoke(runner, "add-task", "-w", trained, folder)
+    assert_clean_failure(result, trained, before, "class 'cyan' has no readable image")
+    assert "skipped unreadable cyan/a.jpg" in result.stderr
+
+
+def test_class_already_learned(trained: Path, task_factory, runner) -> None:
+    folder = task_factory("again", ["red", "blue"])
+    before = snapshot(trained)
+    result = invoke(runner, "add-task", "-w", trained, folder)
+    assert_clean_failure(result, trained, before, "class already learned by an earlier task: 'red' (task 1)")
+
+
+def test_first_task_needs_two_classes(workspace: Path, task_factory, runner) -> None:
+    before = snapshot(workspace)
+    result = invoke(runner, "add-task", "-w", workspace, task_factory("one", ["red"]))
+    assert_clean_failure(result, workspace, before, "at least two classes")
+
+
+def test_workspace_that_does_not_exist(tmp_path: Path, task_factory, runner) -> None:
+    result = invoke(runner, "add-task", "-w", tmp_path / "missing", task_factory("a", ["red", "green"]))
+    assert_clean_failure(result, None, None, "clipcl init")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_duplicate_task_name(trained: Path, task_factory, runner) -> None:
+    before = snapshot(trained)
+    result = invoke(runner, "add-task", "-w", trained, task_factory("first2", ["blue", "cyan"]), "--name", "first")
+    assert_clean_failure(result, trained, before, "a task named 'first' exists already")
+
+
+def test_unknown_flag_is_one_line(trained: Path, task_factory, runner) -> None:
+    before = snapshot(trained)
+    result = invoke(runner, "add-task", "-w", trained, task_factory("x", ["blue", "cyan"]), "--epoch", "3")
+    assert_clean_failure(result, trained, before, "No such option")
+
+
+def test_bad_precision(trained: Path, task_factory, runner) -> None:
+    before = snapshot(trained)
+    result = invoke(runner, "add-task", "-w", trained, task_factory("x", ["blue", "cyan"]), "--precision", "fp8")
+    assert_clean_failure(result, trained, before, "--precision must be one of")
+
+
+def test_init_into_an_existing_workspace(trained: Path, tiny_config: Path, tiny_weights: Path, runner) -> None:
+    before = snapshot(trained)
+    result = invoke(runner, "init", "-w", trained, "--model", tiny_config, "--pretrained", tiny_weights)
+    assert_clean_failure(result, trained, before, "a workspace already exists")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--model", "ViT-B-17"], "unknown model 'ViT-B-17'"),
+        (["--model", "ViT-B-16", "--pretrained", "not-a-tag"], "unknown pretrained tag"),
+        (["--model", "ViT-B-16", "--pretrained", "/nowhere/weights.safetensors"], "weights file not found"),
+        (["--model", "/nowhere/Config.json"], "model config not found"),
+        (["--model", "ViT-B-16"], "--pretrained is required"),
+        (["--model", "ViT-B-16", "--pretrained", "openai", "--method", "nope"], "unknown method 'nope'"),
+        (["--model", "ViT-B-16", "--pretrained", "openai", "--set", "lora_rank=many"], "expected int"),
+        (["--model", "ViT-B-16", "--pretrained", "openai", "--set", "colour=red"], "has no option 'colour'"),
+    ],
+)
+def test_init_rejects_bad_model_and_method_options(tmp_path: Path, runner, args: list[str], needle: str) -> None:
+    result = invoke(runner, "init", "-w", tmp_path / "ws", *args)
+    assert_clean_failure(result, None, None, needle)
+    assert not (tmp_path / "ws").exists()

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,14 +100,3 @@ def load_tensor_file(path: Path, expected_sha256: str | None = None) -> dict[str
     except (SafetensorError, ValueError) as exc:
         raise WorkspaceError(f"corrupt tensor file {path}: {exc}") from exc
 
-
-@contextlib.contextmanager
-def removing_on_error(path: Path) -> Iterator[Path]:
-    """Yield ``path``; delete it (file or tree) if the block raises, so failed work leaves no debris."""
-    import shutil
-
-    try:
-        yield path
-    except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
-        raise

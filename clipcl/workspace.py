@@ -18,6 +18,7 @@ anywhere leaves the previous workspace loadable and unchanged; leftovers are rem
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import errno
 import fcntl
@@ -133,7 +134,7 @@ class Workspace:
             "created_at": now_iso(),
             "updated_at": now_iso(),
             "model": spec.to_json(),
-            "method": {"name": method, "config": _config_dict(config)},
+            "method": {"name": method, "config": dataclasses.asdict(config)},
             "classes": [],
             "tasks": [],
         }
@@ -296,9 +297,3 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(OSError):
             path.unlink()
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(config)

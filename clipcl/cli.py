@@ -213,6 +213,8 @@ def add_task_command(
     options = TrainOptions(name=name, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, holdout=holdout,
                            precision=precision, workers=workers, evaluate=evaluate)
     report = add_task(workspace, folder, options, RichProgress())
+    if not report.is_main_process:
+        return
     out().print(_report_table(report))
     out().print(f"Stored task {report.details['id']} in {Path(workspace) / report.task.dir}")
 
@@ -271,3 +273,7 @@ def _size(n_bytes: int) -> str:
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

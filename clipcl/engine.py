@@ -72,6 +72,7 @@ class TaskReport:
 
     task: StoredTask
     details: dict[str, Any]
+    is_main_process: bool = True
 
     @property
     def accuracy(self) -> dict[str, Any]:
@@ -136,6 +137,7 @@ def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs
     total_steps = epochs * len(loader)
     scheduler = cosine_with_warmup(optimizer, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(method, optimizer, loader, scheduler)
+    steps_per_process = epochs * len(loader)  # the scheduler is stepped once per process per step (Accelerate)
     model.train()
     method.clip.eval()  # the frozen base keeps eval-mode behaviour (no dropout); adapters follow their own flags
     seen, started = 0, time.perf_counter()
@@ -158,7 +160,7 @@ def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs
         model.eval()
         accelerator.free_memory()
     seconds = time.perf_counter() - started
-    return {"steps": total_steps, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+    return {"steps": steps_per_process, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
 
 
 @torch.no_grad()
@@ -234,6 +236,8 @@ def add_task(workspace_path: Path | str, folder: Path | str, options: TrainOptio
         raise ClipclError("--lr must be positive")
     workspace = Workspace.open(workspace_path)
     accelerator = make_accelerator(options.precision)
+    if not accelerator.is_main_process:
+        progress = Progress()  # one report per run, from the main process
     writing = workspace.writing(wait=options.lock_wait) if accelerator.is_main_process else nullcontext(workspace)
     with writing:
         started = time.perf_counter()
@@ -303,7 +307,7 @@ def add_task(workspace_path: Path | str, folder: Path | str, options: TrainOptio
         else:
             stored = StoredTask(task, name, f"tasks/task-{task.index:03d}", {}, "")
         accelerator.wait_for_everyone()
-    return TaskReport(stored, details)
+    return TaskReport(stored, details, accelerator.is_main_process)
 
 
 def _advancing(loader: DataLoader, progress: Progress) -> Iterator[Any]:

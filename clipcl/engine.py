@@ -183,10 +183,10 @@ def predict_dataset(method: Method, dataset: torch.utils.data.Dataset, accelerat
 
 
 def heldout_dataset(method: Method, task: TaskInfo, details: dict[str, Any]) -> ImageDataset | None:
-    """The held-out images a task recorded, or ``None`` when its source folder is gone."""
+    """The held-out images a task recorded that still exist, or ``None`` when none is left."""
     root = Path(details["source"]["root"])
-    items = [ImageItem(relpath, label) for relpath, label in details["heldout_files"]]
-    if not items or not root.is_dir():
+    items = [ImageItem(relpath, label) for relpath, label in details["heldout_files"] if (root / relpath).is_file()]
+    if not items:
         return None
     return ImageDataset(root, items, method.backbone.eval_transform, label_offset=task.offset)
 

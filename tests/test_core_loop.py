@@ -116,3 +116,16 @@ def test_train_and_test_folders_are_used_as_given(workspace: Path, task_factory,
     assert details["source"]["split"] == "folders"
     assert details["counts"]["train"] == {"green": 6, "red": 6}
     assert all(path.startswith("test/") for path, _ in details["heldout_files"])
+
+
+def test_old_task_whose_images_are_gone_is_skipped_with_a_warning(workspace: Path, task_factory, runner) -> None:
+    import shutil
+
+    first = task_factory("a", ["red", "green"])
+    invoke(runner, "add-task", "-w", workspace, first, *FAST)
+    shutil.rmtree(first)
+    result = invoke(runner, "add-task", "-w", workspace, task_factory("b", ["blue", "yellow"]), *FAST)
+    assert result.exit_code == 0, result.output
+    assert "task 1: held-out images not found" in result.stderr
+    accuracy = json.loads((workspace / "tasks/task-002/task.json").read_text())["accuracy"]
+    assert accuracy["per_task"][0] is None and accuracy["per_task"][1] >= 0.8

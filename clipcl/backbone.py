@@ -200,10 +200,6 @@ class Backbone:
     eval_transform: Callable
     spec: ModelSpec
 
-    @property
-    def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[-1]) if hasattr(self.model, "text_projection") else 0
-
     def token_embedding(self) -> nn.Embedding:
         """open_clip's text token embedding, for methods that learn prompts."""
         owner = getattr(self.model, "text", self.model)

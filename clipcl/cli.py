@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,7 +42,12 @@ def err() -> Console:
 
 
 def _one_line(message: str) -> str:
-    return " ".join(str(message).split())
+    """One line of a message; for an error re-raised from a DataLoader worker, its own last line."""
+    message = str(message)
+    if "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        message = re.sub(r"^[\w.]+(Error|Exception): ", "", last.strip())
+    return " ".join(message.split())
 
 
 class OneLineErrors(TyperGroup):

@@ -140,7 +140,9 @@ def scan_task_folder(
     train_dir = root / "train"
     test_dir = next((root / n for n in TEST_SPLIT_NAMES if (root / n).is_dir()), None)
     folder_split = train_dir.is_dir() and test_dir is not None
-    class_root = train_dir if folder_split else root
+    if test_dir is not None and not train_dir.is_dir():
+        raise DataError(f"{root} has {test_dir.name}/ but no train/: give both splits, or class folders only")
+    class_root = train_dir if train_dir.is_dir() else root
 
     class_dirs = _class_folders(class_root)
     if not class_dirs:
@@ -250,19 +252,3 @@ class ImageDataset(torch.utils.data.Dataset):
             raise DataError(f"cannot read {path} (it was readable when the task was scanned): {exc}") from exc
         return self.transform(image), item.label + self.label_offset
 
-
-class PathDataset(torch.utils.data.Dataset):
-    """Arbitrary image paths for prediction; an unreadable file yields ``None`` instead of failing the batch."""
-
-    def __init__(self, paths: Sequence[Path], transform: Callable) -> None:
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        try:
-            return index, self.transform(load_image(self.paths[index])), ""
-        except Exception as exc:
-            return index, None, f"{type(exc).__name__}: {exc}".splitlines()[0]

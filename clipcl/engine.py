@@ -138,8 +138,7 @@ def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs
     scheduler = cosine_with_warmup(optimizer, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(method, optimizer, loader, scheduler)
     steps_per_process = epochs * len(loader)  # the scheduler is stepped once per process per step (Accelerate)
-    model.train()
-    method.clip.eval()  # the frozen base keeps eval-mode behaviour (no dropout); adapters follow their own flags
+    model.train()  # Method.train keeps the frozen base in eval mode
     seen, started = 0, time.perf_counter()
     try:
         for epoch in range(epochs):

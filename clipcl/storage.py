@@ -87,14 +87,20 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
     return save_safetensors_bytes(prepared, metadata=metadata)
 
 
-def load_tensor_file(path: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, checking its checksum when one was recorded."""
+def read_verified(path: Path, expected_sha256: str | None) -> bytes:
+    """The bytes of a stored file whose sha256 the manifest recorded; any other content is refused."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError as exc:
-        raise WorkspaceError(f"missing tensor file {path}") from exc
-    if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
+        raise WorkspaceError(f"missing file {path}") from exc
+    if expected_sha256 is None or sha256_bytes(data) != expected_sha256:
         raise WorkspaceError(f"checksum mismatch in {path}: the file was modified or is damaged")
+    return data
+
+
+def load_tensor_file(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
+    """Load a stored safetensors file after checking it against its recorded checksum."""
+    data = read_verified(path, expected_sha256)
     try:
         return load_safetensors_bytes(data)
     except (SafetensorError, ValueError) as exc:

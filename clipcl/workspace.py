@@ -22,6 +22,7 @@ import dataclasses
 import datetime as dt
 import errno
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -44,6 +45,7 @@ from .storage import (
     fsync_dir,
     load_tensor_file,
     read_json,
+    read_verified,
     sha256_bytes,
     tensors_to_bytes,
     to_json_bytes,
@@ -58,6 +60,8 @@ STAGING_PREFIX = ".staging-"
 DEFAULT_WORKSPACE = "clipcl-workspace"
 WORKSPACE_ENV = "CLIPCL_WORKSPACE"
 MAX_TASK_NAME_LENGTH = 100
+TASK_DIR_PATTERN = re.compile(r"task-\d{3,}")
+REQUIRED_MANIFEST_KEYS = ("model", "method", "classes", "tasks")
 
 
 def now_iso() -> str:
@@ -117,7 +121,7 @@ class Workspace:
             raise WorkspaceError(f"a workspace already exists at {path}")
         if path.exists() and not path.is_dir():
             raise WorkspaceError(f"{path} exists and is not a folder")
-        if path.is_dir() and any(p for p in path.iterdir() if not p.name.startswith(".")):
+        if path.is_dir() and any(not _is_init_leftover(p) for p in path.iterdir()):
             raise WorkspaceError(f"{path} is not empty: choose a new folder for the workspace")
         method_class = get_method_class(method)
         config = build_config(method_class, options)
@@ -149,6 +153,9 @@ class Workspace:
         manifest = read_json(path / MANIFEST)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             raise WorkspaceError(f"{path / MANIFEST} is not a clipcl manifest")
+        missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
+        if missing:
+            raise WorkspaceError(f"{path / MANIFEST} lacks {', '.join(missing)}: it is damaged")
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise WorkspaceError(
@@ -190,12 +197,10 @@ class Workspace:
 
     def task_json(self, task: StoredTask) -> dict[str, Any]:
         path = self.task_path(task) / TASK_JSON
-        data = path.read_bytes() if path.is_file() else None
-        if data is None:
-            raise WorkspaceError(f"missing file {path}")
-        if sha256_bytes(data) != task.files.get(TASK_JSON):
-            raise WorkspaceError(f"checksum mismatch in {path}: the file was modified or is damaged")
-        return read_json(path)
+        try:
+            return json.loads(read_verified(path, task.files.get(TASK_JSON)))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise WorkspaceError(f"corrupt JSON in {path}: {exc}") from exc
 
     def task_tensors(self, task: StoredTask) -> dict[str, torch.Tensor]:
         return load_tensor_file(self.task_path(task) / TENSORS_FILE, task.files.get(TENSORS_FILE))
@@ -207,7 +212,11 @@ class Workspace:
         backbone = load_backbone(self.model_spec, self.path / "model", device=device)
         method = method_class(backbone, config)
         for task in self.tasks:
-            method.restore_task(task.info, self.task_tensors(task))
+            try:
+                method.restore_task(task.info, self.task_tensors(task))
+            except (KeyError, ValueError, RuntimeError) as exc:
+                raise WorkspaceError(f"stored tensors of task {task.info.index} do not fit method "
+                                     f"{self.method_name}: {exc}") from exc
         return method
 
     # --- writing --------------------------------------------------------------------------------------------------
@@ -245,7 +254,7 @@ class Workspace:
         tasks_dir = self.path / "tasks"
         if tasks_dir.is_dir():
             for entry in tasks_dir.iterdir():
-                if f"tasks/{entry.name}" not in referenced:
+                if TASK_DIR_PATTERN.fullmatch(entry.name) and f"tasks/{entry.name}" not in referenced:
                     _remove(entry)
 
     def next_task_index(self) -> int:
@@ -292,8 +301,18 @@ class Workspace:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
+    """Delete a file or folder left by a crashed writer; fail loudly if it cannot be removed."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
             path.unlink()
+    except OSError as exc:
+        raise WorkspaceError(f"cannot remove {path} left by an interrupted write: {exc.strerror}") from exc
+
+
+def _is_init_leftover(entry: Path) -> bool:
+    """What an interrupted ``init`` leaves before writing the manifest: hidden files, an empty tasks/, model/."""
+    if entry.name.startswith(".") or entry.name == "model":
+        return True
+    return entry.name == "tasks" and entry.is_dir() and not any(entry.iterdir())

@@ -121,3 +121,14 @@ def test_workspace_keeps_its_own_copy_of_a_custom_config(tmp_path: Path, tiny_co
 
     method = Workspace.open(tmp_path / "ws").build_method()
     assert method.backbone.spec.name == "MovedCLIP"
+
+
+def test_lora_dropout_is_active_in_training_while_the_base_stays_in_eval_mode(backbone) -> None:
+    method = DMA(backbone, DMAConfig(lora_dropout=0.5))
+    method.begin_task(TaskInfo(1, ("a", "b"), 0))
+    method.train()
+    modes = {name: m.training for name, m in method.clip.visual.named_modules()}
+    assert any(mode for name, mode in modes.items() if "lora_dropout" in name)
+    assert not modes["transformer.resblocks.0.mlp"] and not modes["transformer.resblocks.0.attn.q_proj.base_layer"]
+    method.eval()
+    assert not any(m.training for m in method.clip.visual.modules())

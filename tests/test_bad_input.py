@@ -104,9 +104,19 @@ def test_init_into_an_existing_workspace(trained: Path, tiny_config: Path, tiny_
         (["--model", "ViT-B-16", "--pretrained", "openai", "--method", "nope"], "unknown method 'nope'"),
         (["--model", "ViT-B-16", "--pretrained", "openai", "--set", "lora_rank=many"], "expected int"),
         (["--model", "ViT-B-16", "--pretrained", "openai", "--set", "colour=red"], "has no option 'colour'"),
+        (["--model", "ViT-B-16", "--pretrained", "openai", "--set", "context_tokens=0"], "context_tokens"),
+        (["--model", "ViT-B-16", "--pretrained", "openai", "--set", "lora_rank=0"], "lora_rank >= 1"),
     ],
 )
 def test_init_rejects_bad_model_and_method_options(tmp_path: Path, runner, args: list[str], needle: str) -> None:
     result = invoke(runner, "init", "-w", tmp_path / "ws", *args)
     assert_clean_failure(result, None, None, needle)
     assert not (tmp_path / "ws").exists()
+
+
+def test_error_from_a_dataloader_worker_is_reduced_to_its_own_line() -> None:
+    from clipcl.cli import _one_line
+
+    wrapped = ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1, in f\nclipcl.errors.DataError: cannot read /data/a.jpg\n')
+    assert _one_line(wrapped) == "cannot read /data/a.jpg"

@@ -54,3 +54,20 @@ def test_an_exception_mid_add_task_leaves_the_workspace_unchanged(workspace: Pat
     assert [t.name for t in Workspace.open(workspace).tasks] == ["a", "c"]
     assert snapshot(workspace).keys() - before.keys() == {"tasks/task-002/task.json",
                                                          "tasks/task-002/tensors.safetensors"}
+
+
+def test_init_over_the_leftovers_of_an_interrupted_init(tmp_path: Path, tiny_config: Path, tiny_weights: Path,
+                                                        runner) -> None:
+    ws = tmp_path / "ws"
+    (ws / "tasks").mkdir(parents=True)
+    (ws / ".lock").touch()
+    result = invoke(runner, "init", "-w", ws, "--model", tiny_config, "--pretrained", tiny_weights)
+    assert result.exit_code == 0, result.output
+
+
+def test_debris_cleanup_removes_only_clipcl_task_folders(workspace: Path, task_factory, runner) -> None:
+    (workspace / "tasks" / "task-007").mkdir()  # a crashed writer's unreferenced task folder
+    (workspace / "tasks" / "my-notes.txt").write_text("keep me")
+    invoke(runner, "add-task", "-w", workspace, task_factory("a", ["red", "green"]), *FAST)
+    assert not (workspace / "tasks" / "task-007").exists()
+    assert (workspace / "tasks" / "my-notes.txt").read_text() == "keep me"

@@ -97,3 +97,15 @@ def test_test_split_with_an_unknown_class_is_refused(tmp_path: Path) -> None:
         Image.new("RGB", (8, 8)).save(tmp_path / split / name / "0.png")
     with pytest.raises(DataError, match="val/ has a class that train/ lacks"):
         scan_task_folder(tmp_path)
+
+
+def test_a_lone_train_folder_is_the_class_root_and_a_lone_test_folder_is_refused(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / "t" / "train" / name).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "t" / "train" / name / f"{i}.png")
+    data = scan_task_folder(tmp_path / "t", holdout=0.2)
+    assert data.classes == ["a", "b"] and data.split == "holdout" and len(data.test) == 2
+    (tmp_path / "u" / "val" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="val/ but no train/"):
+        scan_task_folder(tmp_path / "u")

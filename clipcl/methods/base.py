@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..backbone import Backbone
@@ -61,6 +62,18 @@ class Method(nn.Module, ABC):
         self.clip = backbone.model  # registered, so .to(device) moves the base model with the method's own state
         self.config = config
         self.tasks: list[TaskInfo] = []
+
+    def train(self, mode: bool = True) -> Method:
+        """Train mode for the method's own modules and peft adapter layers; the frozen base stays in eval mode
+        (no dropout, no batch-norm statistics updates)."""
+        super().train(mode)
+        self.clip.eval()
+        for module in self.clip.modules():
+            if isinstance(module, BaseTunerLayer):
+                for name, child in module.named_children():
+                    if name != "base_layer":
+                        child.train(mode)
+        return self
 
     @property
     def classes(self) -> list[str]:

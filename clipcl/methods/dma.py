@@ -36,6 +36,7 @@ from ..backbone import (
     linearize_attention,
     phrase_embedding,
 )
+from ..errors import ClipclError
 from .base import Method, MethodConfig, TaskInfo, register_method
 
 ATTENTION_PROJECTIONS = r".*\.attn\.(q_proj|k_proj|v_proj|out_proj|qkv|proj)"
@@ -51,6 +52,12 @@ class DMAConfig(MethodConfig):
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     context_tokens: int = field(default=8, metadata={"help": "learnable context tokens per class (M)"})
     context_init: str = field(default="a photo of a", metadata={"help": "phrase whose embedding starts the context"})
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ClipclError("dma needs lora_rank >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
+        if not 1 <= self.context_tokens <= 32:
+            raise ClipclError("dma needs 1 <= context_tokens <= 32")
 
 
 def initial_context(backbone: Backbone, n_classes: int, n_tokens: int, phrase: str) -> torch.Tensor:

@@ -34,15 +34,20 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` and flush it to the disk before returning."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``."""
     path = Path(path)
     tmp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_synced(tmp, data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -49,6 +49,7 @@ from .storage import (
     sha256_bytes,
     tensors_to_bytes,
     to_json_bytes,
+    write_synced,
 )
 
 FORMAT_NAME = "clipcl-workspace"
@@ -271,10 +272,7 @@ class Workspace:
             details = {**details, "tensors": {"file": TENSORS_FILE, "bytes": len(tensor_bytes), "count": len(tensors)}}
             json_bytes = to_json_bytes(details)
             for file_name, data in ((TENSORS_FILE, tensor_bytes), (TASK_JSON, json_bytes)):
-                with open(staging / file_name, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                write_synced(staging / file_name, data)
             fsync_dir(staging)
             final = self.path / task_dir
             if final.exists():  # a crashed writer's folder that the manifest never referenced

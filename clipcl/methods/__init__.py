@@ -1,6 +1,6 @@
 """Registered continual-learning methods. Importing a method's module registers it."""
 
-from . import dma  # noqa: F401
+from . import baselines, dma  # noqa: F401
 from .base import (
     Method,
     MethodConfig,

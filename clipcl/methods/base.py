@@ -115,6 +115,26 @@ class Method(nn.Module, ABC):
         return {}
 
 
+def class_means(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Mean feature of each class (rows of ``features`` labelled 0..n_classes-1)."""
+    sums = torch.zeros(n_classes, features.shape[1], dtype=torch.float32, device=features.device)
+    sums.index_add_(0, labels, features.float())
+    counts = torch.bincount(labels, minlength=n_classes).clamp_min(1).unsqueeze(1)
+    return sums / counts
+
+
+@torch.no_grad()
+def image_class_means(method: Method, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                      ) -> torch.Tensor:
+    """Normalised mean image feature of each of ``task``'s classes, encoded as the model stands when called."""
+    features, labels = [], []
+    for images, batch_labels in batches:
+        features.append(method.backbone.encode_images(images.to(method.device)).float())
+        labels.append(batch_labels.to(method.device) - task.offset)
+    means = class_means(torch.cat(features), torch.cat(labels), len(task.classes))
+    return torch.nn.functional.normalize(means, dim=-1)
+
+
 _REGISTRY: dict[str, type[Method]] = {}
 
 

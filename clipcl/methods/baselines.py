@@ -11,11 +11,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ClipclError
-from .base import Method, MethodConfig, TaskInfo, register_method
-from .dma import class_means
+from .base import Method, MethodConfig, TaskInfo, image_class_means, register_method
 
 CLASS_MEANS_KEY = "ncm.class_means"
 
@@ -76,12 +74,7 @@ class NearestClassMean(Method):
 
     @torch.no_grad()
     def end_task(self, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        features, labels = [], []
-        for images, batch_labels in batches:
-            features.append(self.backbone.encode_images(images.to(self.device)).float())
-            labels.append(batch_labels.to(self.device) - task.offset)
-        means = class_means(torch.cat(features), torch.cat(labels), len(task.classes))
-        self.register_buffer(f"class_means_{task.index}", F.normalize(means, dim=-1), persistent=False)
+        self.register_buffer(f"class_means_{task.index}", image_class_means(self, task, batches), persistent=False)
 
     def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
         return {CLASS_MEANS_KEY: self._means(task)}

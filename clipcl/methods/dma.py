@@ -37,7 +37,7 @@ from ..backbone import (
     phrase_embedding,
 )
 from ..errors import ClipclError
-from .base import Method, MethodConfig, TaskInfo, register_method
+from .base import Method, MethodConfig, TaskInfo, image_class_means, register_method
 
 ATTENTION_PROJECTIONS = r".*\.attn\.(q_proj|k_proj|v_proj|out_proj|qkv|proj)"
 LORA_PREFIX = "lora."
@@ -68,14 +68,6 @@ def initial_context(backbone: Backbone, n_classes: int, n_tokens: int, phrase: s
     if phrase_vectors is not None and len(phrase_vectors):
         context[n_tokens - len(phrase_vectors):] = phrase_vectors.cpu()
     return context.unsqueeze(0).repeat(n_classes, 1, 1)
-
-
-def class_means(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Mean feature of each class (rows of ``features`` labelled 0..n_classes-1)."""
-    sums = torch.zeros(n_classes, features.shape[1], dtype=torch.float32, device=features.device)
-    sums.index_add_(0, labels, features.float())
-    counts = torch.bincount(labels, minlength=n_classes).clamp_min(1).unsqueeze(1)
-    return sums / counts
 
 
 @register_method
@@ -166,13 +158,9 @@ class DMA(Method):
     def end_task(self, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self._text_features(task).copy_(self._encode_prompts(task))
         assert self.visual is not None
-        features, labels = [], []
-        with self.visual.disable_adapter():
-            for images, batch_labels in batches:
-                features.append(self.backbone.encode_images(images.to(self.device)).float())
-                labels.append(batch_labels.to(self.device) - task.offset)
-        means = class_means(torch.cat(features), torch.cat(labels), len(task.classes))
-        self.register_buffer(f"class_means_{task.index}", F.normalize(means, dim=-1), persistent=False)
+        with self.visual.disable_adapter():  # the router's statistics are of frozen features
+            means = image_class_means(self, task, batches)
+        self.register_buffer(f"class_means_{task.index}", means, persistent=False)
 
     def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
         assert self.visual is not None

@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 from .backbone import ModelSpec, load_backbone, resolve_model_spec
 from .engine import Progress, TaskReport, TrainOptions, add_task
 from .errors import ClipclError, DataError, ModelError, WorkspaceError
-from .methods import Method, TaskInfo, available_methods, register_method
+from .inference import EvalReport, ImagePrediction, evaluate, expand_image_paths, predict_images
+from .methods import Method, Prediction, TaskInfo, available_methods, register_method
 from .workspace import Workspace
 
 
@@ -18,9 +19,12 @@ def init_workspace(path: str, model: str, pretrained: str | None = None, method:
 __all__ = [
     "ClipclError",
     "DataError",
+    "EvalReport",
+    "ImagePrediction",
     "Method",
     "ModelError",
     "ModelSpec",
+    "Prediction",
     "Progress",
     "TaskInfo",
     "TaskReport",
@@ -30,8 +34,11 @@ __all__ = [
     "__version__",
     "add_task",
     "available_methods",
+    "evaluate",
+    "expand_image_paths",
     "init_workspace",
     "load_backbone",
+    "predict_images",
     "register_method",
     "resolve_model_spec",
 ]

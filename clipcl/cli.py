@@ -29,6 +29,7 @@ from .methods import available_methods
 from .workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
 
 DEBUG_ENV = "CLIPCL_DEBUG"
+DEFAULT_WORKERS = default_workers()
 
 
 def out() -> Console:
@@ -90,6 +91,15 @@ WorkspaceOption = Annotated[
     typer.Option("--workspace", "-w", envvar=WORKSPACE_ENV, show_envvar=True,
                  help=f"Workspace folder (default ./{DEFAULT_WORKSPACE})."),
 ]
+
+
+RouteOption = Annotated[
+    int | None,
+    typer.Option(help="Run only the K best-matching tasks' adapters per image (methods that route by task, e.g. "
+                      "dma); default: every task's.", metavar="K", show_default=False),
+]
+PrecisionOption = Annotated[str, typer.Option(help=f"One of {', '.join(PRECISIONS)}.")]
+WorkersOption = Annotated[int, typer.Option(help="Data-loading worker processes.", min=0)]
 
 
 def _version_callback(value: bool) -> None:
@@ -155,6 +165,9 @@ class RichProgress(EngineProgress):
     def warn(self, message: str) -> None:
         err().print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
+    def info(self, message: str) -> None:
+        err().print(f"[bold cyan]{escape(message)}[/]", highlight=False, soft_wrap=True)
+
     def stage_start(self, description: str, total: int) -> None:
         self.bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -211,8 +224,8 @@ def add_task_command(
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and shuffling.")] = 0,
     holdout: Annotated[float, typer.Option(help="Share of each class held out for evaluation when the folder "
                                                 "has no test/ split.", min=0.0, max=0.95)] = 0.2,
-    precision: Annotated[str, typer.Option(help=f"One of {', '.join(PRECISIONS)}.")] = "fp32",
-    workers: Annotated[int, typer.Option(help="Data-loading worker processes.", min=0)] = default_workers(),
+    precision: PrecisionOption = "fp32",
+    workers: WorkersOption = DEFAULT_WORKERS,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate every task after training.")] = True,
 ) -> None:
     """Learn a folder of classes as the workspace's next task, then evaluate and store it."""
@@ -266,6 +279,181 @@ def tasks(
                       row["created_at"].replace("T", " ")[:16], _percent(accuracy.get("task")),
                       _percent(accuracy.get("all")))
     out().print(table)
+
+
+def _shown_path(path: str) -> str:
+    """A path as the user would type it: relative to the current folder where it lies below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns "
+                                                    "(quote them: 'photos/**/*.jpg').", show_default=False)],
+    workspace: WorkspaceOption = Path(DEFAULT_WORKSPACE),
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image.", min=1)] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image and line.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 32,
+    route: RouteOption = None,
+    workers: WorkersOption = DEFAULT_WORKERS,
+    precision: PrecisionOption = "fp32",
+) -> None:
+    """Predict the classes of images over everything the workspace has learned.
+
+    An image that cannot be read gets an error line of its own; the others are still predicted, and the exit code
+    is 1 at the end.
+    """
+    from .inference import expand_image_paths, predict_images
+
+    files, unmatched = expand_image_paths(paths)
+    if not files:
+        raise ClipclError(f"no image found at {', '.join(paths)}")
+    failures = 0
+
+    def report_error(path: str, message: str) -> None:
+        nonlocal failures
+        failures += 1
+        if as_json:
+            print(json.dumps({"path": path, "error": message}), flush=True)
+        else:
+            err().print(f"error: {escape(path)}: {escape(message)}", highlight=False, soft_wrap=True)
+
+    for pattern in unmatched:
+        report_error(pattern, "no such file, folder or matching image")
+    table = Table(show_header=True)
+    for column, justify in (("image", "left"), ("class", "left"), ("task", "left"), ("prob", "right")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for result in predict_images(workspace, files, top_k=top_k, route=route, batch_size=batch_size,
+                                 workers=workers, precision=precision):
+        if result.error is not None:
+            report_error(result.path, f"cannot read the image: {result.error}")
+        elif as_json:
+            print(json.dumps(result.to_json()), flush=True)
+        else:
+            for rank, score in enumerate(result.top):
+                table.add_row(escape(_shown_path(result.path)) if rank == 0 else "", escape(score.class_name),
+                              escape(f"{score.task} ({score.task_name})"), f"{100 * score.prob:.2f}%",
+                              end_section=rank == len(result.top) - 1)
+    if not as_json and table.row_count:
+        out().print(table)
+    if failures:
+        raise typer.Exit(1)
+
+
+def _metric(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
+@app.command("eval")
+def eval_command(
+    workspace: WorkspaceOption = Path(DEFAULT_WORKSPACE),
+    tasks_: Annotated[str, typer.Option("--tasks", help="'all', or task numbers or names: --tasks 1,3.")] = "all",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write the accuracy-matrix heatmap and the accuracy-after-each-"
+                                                   "task curve to this image (.png, .svg, .pdf).",
+                                              show_default=False)] = None,
+    route: RouteOption = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 64,
+    workers: WorkersOption = DEFAULT_WORKERS,
+    precision: PrecisionOption = "fp32",
+) -> None:
+    """Evaluate every learned task on its held-out images, and show the accuracy matrix and its metrics.
+
+    Predictions range over every class learned so far. The matrix is the one add-task stored after each task
+    (row i: after task i); Avg, Last, Forgetting and BWT are computed from it.
+    """
+    from .inference import evaluate
+    from .plot import plot_accuracy
+
+    if plot is not None and not plot.expanduser().parent.is_dir():
+        raise ClipclError(f"--plot: folder {plot.expanduser().parent} does not exist")
+    report = evaluate(workspace, tasks_, route=route, batch_size=batch_size, workers=workers, precision=precision,
+                      progress=RichProgress())
+    if plot is not None:
+        names = [t.name for t in report.workspace.tasks]
+        plot_accuracy(plot, report.matrix, report.metrics.accuracy_after_task, names,
+                      title=f"{report.workspace.path.name}: {report.workspace.method_name}")
+        err().print(f"Wrote {escape(str(plot))}", highlight=False)
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+        return
+    ev = report.evaluation
+    routed = ev.task_id_accuracy is not None
+    route_text = f", route {route}" if route is not None else ""
+    table = Table(title=f"held-out accuracy now ({len(report.workspace.classes)} classes{route_text})")
+    for column, justify in (("task", "right"), ("name", "left"), ("classes", "right"), ("images", "right"),
+                            ("accuracy", "right"), *((("task-id", "right"),) if routed else ())):
+        table.add_column(column, justify=justify)
+    for task, acc, n, tid in zip(report.tasks, ev.per_task, ev.images, ev.task_id_per_task, strict=True):
+        table.add_row(str(task.info.index), escape(task.name), str(len(task.info.classes)), str(n), _percent(acc),
+                      *((_percent(tid),) if routed else ()))
+    table.add_row("all", "", str(sum(len(t.info.classes) for t in report.tasks)), str(sum(ev.images)),
+                  _percent(ev.accuracy), *((_percent(ev.task_id_accuracy),) if routed else ()), style="bold")
+    out().print(table)
+    matrix = Table(title="stored accuracy matrix (%)", caption="row: after task i; column: task j")
+    matrix.add_column("after", justify="right")
+    n_tasks = len(report.matrix)
+    for j in range(n_tasks):
+        matrix.add_column(f"task {j + 1}", justify="right")
+    matrix.add_column("acc", justify="right", style="bold")
+    for i, row in enumerate(report.matrix):
+        cells = [_metric(row[j]) if j < len(row) else "" for j in range(n_tasks)]
+        matrix.add_row(str(i + 1), *cells, _metric(report.metrics.accuracy_after_task[i]))
+    out().print(matrix)
+    m = report.metrics
+    out().print(f"Avg {_metric(m.avg)}  Last {_metric(m.last)}  Forgetting {_metric(m.forgetting)}  "
+                f"BWT {_metric(m.bwt, signed=True)}  (percent)")
+
+
+@app.command()
+def bench(
+    split_dir: Annotated[Path, typer.Argument(help="Folder of task-1 ... task-N, each with train/ and test/.",
+                                              show_default=False)],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods to compare; 'joint' is finetune trained on "
+                                              "all classes at once (the upper bound).")
+                       ] = "dma,ncm,zeroshot,finetune,joint",
+    model: Annotated[str, typer.Option(help="open_clip model name, hf-hub:ORG/NAME, or a model-config JSON.")] = ...,
+    pretrained: Annotated[str | None, typer.Option(help="Pretrained tag or weights file.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per task for the methods that train (default: each "
+                                                    "method's).", min=0)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step.", min=1)] = 32,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: each method's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for every method.")] = 0,
+    tasks_: Annotated[int | None, typer.Option("--tasks", help="Use only the first N tasks.", min=1,
+                                               show_default=False)] = None,
+    precision: PrecisionOption = "fp32",
+    workers: WorkersOption = DEFAULT_WORKERS,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Write the results as JSON to this file.",
+                                                  show_default=False)] = None,
+    workspaces: Annotated[Path | None, typer.Option(help="Keep each method's workspace in this folder "
+                                                         "(default: temporary, removed).", show_default=False)
+                          ] = None,
+) -> None:
+    """Run methods on a class-incremental split, each in a fresh workspace, and compare Avg, Last, Forgetting."""
+    from .bench import BenchSettings, run_benchmark
+    from .storage import atomic_write_json
+
+    if out_file is not None and not out_file.expanduser().parent.is_dir():
+        raise ClipclError(f"--out: folder {out_file.expanduser().parent} does not exist")
+    settings = BenchSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers,
+                             precision=precision, max_tasks=tasks_)
+    results = run_benchmark(split_dir, methods.split(","), model, pretrained, settings, RichProgress(), workspaces)
+    table = Table(title=f"{Path(results['split']).name}: {len(results['tasks'])} tasks, model {model}")
+    for column in ("method", "Avg", "Last", "Forgetting", "BWT", "train time", "train img/s"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in results["methods"]:
+        table.add_row(row["method"], _metric(row["avg"]), _metric(row["last"]), _metric(row["forgetting"]),
+                      _metric(row["bwt"], signed=True), f"{row['train_s']:.1f}s",
+                      "-" if row["train_images_per_s"] is None else f"{row['train_images_per_s']:.1f}")
+    out().print(table)
+    if out_file is not None:
+        atomic_write_json(out_file.expanduser(), results)
+        out().print(f"Wrote {escape(str(out_file))}")
 
 
 def _size(n_bytes: int) -> str:

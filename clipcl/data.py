@@ -80,7 +80,7 @@ def load_image(source: Path | bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-def _list_images(directory: Path) -> list[Path]:
+def list_images(directory: Path) -> list[Path]:
     """All image files below ``directory``; symbolic links to folders are not followed (no loops)."""
     found: list[Path] = []
     for current, dirnames, filenames in os.walk(directory, followlinks=False):
@@ -95,15 +95,25 @@ def _class_folders(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def load_image_checked(source: Path | bytes) -> Image.Image:
+    """:func:`load_image` for files from outside: an image over Pillow's decompression-bomb limit is refused."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return load_image(source)
+
+
+def why_unreadable(exc: Exception) -> str:
+    """One line saying why an image could not be decoded."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def _check_image(path: Path) -> tuple[str | None, str]:
     """Return (sha256 of the bytes, "") for a decodable image, or (None, reason) for one that is not."""
     try:
         data = path.read_bytes()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            load_image(data)
+        load_image_checked(data)
     except Exception as exc:  # Pillow raises many types for corrupt data; every one means "skip this file"
-        return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return None, why_unreadable(exc)
     return hashlib.sha256(data).hexdigest(), ""
 
 
@@ -114,6 +124,36 @@ def _validate_class_name(name: str, folder: Path) -> None:
         raise DataError(f"class folder name is longer than {MAX_CLASS_NAME_LENGTH} characters: {folder}")
     if any(ord(ch) < 32 for ch in name):
         raise DataError(f"class folder name has control characters: {folder!r}")
+
+
+@dataclass(frozen=True)
+class TaskLayout:
+    """Where a task folder keeps its classes: ``class_root/<class>/`` and, when split, ``test_dir/<class>/``."""
+
+    class_root: Path
+    test_dir: Path | None
+    class_dirs: list[Path]
+    classes: list[str]
+
+
+def task_layout(root: Path) -> TaskLayout:
+    """Find a task folder's class folders and split without reading any image; refuse a layout that is not one."""
+    train_dir = root / "train"
+    test_dir = next((root / n for n in TEST_SPLIT_NAMES if (root / n).is_dir()), None)
+    if test_dir is not None and not train_dir.is_dir():
+        raise DataError(f"{root} has {test_dir.name}/ but no train/: give both splits, or class folders only")
+    class_root = train_dir if train_dir.is_dir() else root
+    class_dirs = _class_folders(class_root)
+    if not class_dirs:
+        raise DataError(f"no class sub-folders in {class_root} (expected <folder>/<class name>/<images>)")
+    classes: list[str] = []
+    for folder in class_dirs:
+        name = class_name_from_folder(folder.name)
+        _validate_class_name(name, folder)
+        if name.casefold() in {c.casefold() for c in classes}:
+            raise DataError(f"two class folders give the class name {name!r} in {class_root}")
+        classes.append(name)
+    return TaskLayout(class_root, test_dir if train_dir.is_dir() else None, class_dirs, classes)
 
 
 def scan_task_folder(
@@ -136,36 +176,20 @@ def scan_task_folder(
     if not 0.0 <= holdout < 1.0:
         raise DataError(f"--holdout must be in [0, 1), got {holdout}")
     root = root.resolve()
-
-    train_dir = root / "train"
-    test_dir = next((root / n for n in TEST_SPLIT_NAMES if (root / n).is_dir()), None)
-    folder_split = train_dir.is_dir() and test_dir is not None
-    if test_dir is not None and not train_dir.is_dir():
-        raise DataError(f"{root} has {test_dir.name}/ but no train/: give both splits, or class folders only")
-    class_root = train_dir if train_dir.is_dir() else root
-
-    class_dirs = _class_folders(class_root)
-    if not class_dirs:
-        raise DataError(f"no class sub-folders in {class_root} (expected <folder>/<class name>/<images>)")
-    classes: list[str] = []
-    for folder in class_dirs:
-        name = class_name_from_folder(folder.name)
-        _validate_class_name(name, folder)
-        if name.casefold() in {c.casefold() for c in classes}:
-            raise DataError(f"two class folders give the class name {name!r} in {class_root}")
-        classes.append(name)
+    layout = task_layout(root)
+    class_dirs, classes, test_dir = layout.class_dirs, layout.classes, layout.test_dir
+    folder_split = test_dir is not None
 
     sources: list[tuple[str, int, Path]] = []  # (split, label, path)
     for label, folder in enumerate(class_dirs):
-        sources.extend(("train", label, p) for p in _list_images(folder))
-    if folder_split:
-        assert test_dir is not None
+        sources.extend(("train", label, p) for p in list_images(folder))
+    if test_dir is not None:
         by_name = {class_name_from_folder(f.name).casefold(): i for i, f in enumerate(class_dirs)}
         for folder in _class_folders(test_dir):
             label = by_name.get(class_name_from_folder(folder.name).casefold())
             if label is None:
                 raise DataError(f"{test_dir.name}/ has a class that train/ lacks: {folder.name}")
-            sources.extend(("test", label, p) for p in _list_images(folder))
+            sources.extend(("test", label, p) for p in list_images(folder))
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         checks = list(pool.map(lambda source: _check_image(source[2]), sources))
@@ -189,7 +213,7 @@ def scan_task_folder(
             train_counts[label] += 1
     for name, count in zip(classes, train_counts, strict=True):
         if count == 0:
-            raise DataError(f"class {name!r} has no readable image in {class_root}")
+            raise DataError(f"class {name!r} has no readable image in {layout.class_root}")
 
     if folder_split:
         train = [ImageItem(r, label) for s, label, r in readable if s == "train"]

@@ -56,6 +56,9 @@ class Progress:
     def warn(self, message: str) -> None:
         """Something the user should know that does not stop the run (a skipped file, a missing test folder)."""
 
+    def info(self, message: str) -> None:
+        """Where a longer run stands (which method, which task)."""
+
     def stage_start(self, description: str, total: int) -> None:
         """A stage of ``total`` steps begins (scanning, an epoch loop, evaluation)."""
 
@@ -164,21 +167,27 @@ def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs
 
 @torch.no_grad()
 def predict_dataset(method: Method, dataset: torch.utils.data.Dataset, accelerator: Any, batch_size: int,
-                    workers: int, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities over all classes and labels for every image of ``dataset`` (gathered across processes)."""
+                    workers: int, progress: Progress | None = None, route: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Probabilities over all classes, labels, and the router's task scores (``None`` for methods that do not
+    route) for every image of ``dataset``, gathered across processes."""
     loader = accelerator.prepare(_loader(dataset, batch_size, workers))
-    probs, labels = [], []
+    probs, labels, task_scores = [], [], []
     for images, batch_labels in loader:
         with accelerator.autocast():
-            batch_probs = method.predict_proba(images.to(method.device))
-        gathered_probs, gathered_labels = accelerator.gather_for_metrics((batch_probs.float(), batch_labels))
-        probs.append(gathered_probs.cpu())
-        labels.append(gathered_labels.cpu())
+            prediction = method.predict(images.to(method.device), route=route)
+        gathered = accelerator.gather_for_metrics(
+            (prediction.probs.float(), batch_labels,
+             *(() if prediction.task_scores is None else (prediction.task_scores.float(),))))
+        probs.append(gathered[0].cpu())
+        labels.append(gathered[1].cpu())
+        if len(gathered) == 3:
+            task_scores.append(gathered[2].cpu())
         if progress is not None:
             progress.stage_advance(1)
     if not probs:
-        return torch.empty(0, len(method.classes)), torch.empty(0, dtype=torch.long)
-    return torch.cat(probs), torch.cat(labels)
+        return torch.empty(0, len(method.classes)), torch.empty(0, dtype=torch.long), None
+    return torch.cat(probs), torch.cat(labels), torch.cat(task_scores) if task_scores else None
 
 
 def heldout_dataset(method: Method, task: TaskInfo, details: dict[str, Any]) -> ImageDataset | None:
@@ -190,25 +199,59 @@ def heldout_dataset(method: Method, task: TaskInfo, details: dict[str, Any]) -> 
     return ImageDataset(root, items, method.backbone.eval_transform, label_offset=task.offset)
 
 
+@dataclass
+class Evaluation:
+    """Held-out accuracy of each evaluated task and of their union, predicting over every class learned so far.
+
+    ``task_id_*`` is the share of images whose best-scored task is their own, for methods that route by task
+    (``None`` otherwise). A task whose held-out images are gone has ``None`` and 0 images.
+    """
+
+    tasks: list[TaskInfo]
+    per_task: list[float | None]
+    images: list[int]
+    accuracy: float | None
+    task_id_per_task: list[float | None]
+    task_id_accuracy: float | None
+
+
+def _share(hits: int, total: int) -> float | None:
+    return hits / total if total else None
+
+
 def evaluate_tasks(method: Method, sets: Sequence[tuple[TaskInfo, ImageDataset | None]], accelerator: Any,
-                   batch_size: int, workers: int, progress: Progress) -> dict[str, Any]:
-    """Accuracy of each task's held-out set and of their union, predicting over every class learned so far."""
+                   batch_size: int, workers: int, progress: Progress, route: int | None = None) -> Evaluation:
+    """Evaluate ``method`` on each task's held-out set (``None``: images gone, warned about and left out)."""
     per_task: list[float | None] = []
-    correct_total = count_total = 0
+    images: list[int] = []
+    task_id: list[float | None] = []
+    correct_total = count_total = routed_total = 0
     total_batches = sum(math.ceil(len(ds) / batch_size) for _, ds in sets if ds is not None)
     progress.stage_start("evaluating", total_batches)
     for task, dataset in sets:
         if dataset is None:
             progress.warn(f"task {task.index}: held-out images not found; its accuracy is not measured")
             per_task.append(None)
+            images.append(0)
+            task_id.append(None)
             continue
-        probs, labels = predict_dataset(method, dataset, accelerator, batch_size, workers, progress)
+        probs, labels, task_scores = predict_dataset(method, dataset, accelerator, batch_size, workers, progress,
+                                                     route)
         correct = int((probs.argmax(dim=1) == labels).sum())
-        per_task.append(correct / max(1, len(labels)))
+        per_task.append(_share(correct, len(labels)))
+        images.append(len(labels))
         correct_total += correct
         count_total += len(labels)
+        if task_scores is None:
+            task_id.append(None)
+        else:
+            routed = int((task_scores.argmax(dim=1) == task.index - 1).sum())
+            task_id.append(_share(routed, len(labels)))
+            routed_total += routed
     progress.stage_end()
-    return {"per_task": per_task, "all": correct_total / count_total if count_total else None}
+    routes = any(value is not None for value in task_id)
+    return Evaluation([task for task, _ in sets], per_task, images, _share(correct_total, count_total), task_id,
+                      _share(routed_total, count_total) if routes else None)
 
 
 def _check_new_classes(workspace: Workspace, data: TaskData) -> None:
@@ -263,9 +306,8 @@ def add_task(workspace_path: Path | str, folder: Path | str, options: TrainOptio
         training = train_method(method, train_set, accelerator, epochs, options.batch_size, lr, options.workers,
                                 options.seed, progress)
         stats_set = ImageDataset(data.root, data.train, method.backbone.eval_transform, label_offset=task.offset)
-        progress.stage_start("class statistics", math.ceil(len(stats_set) / options.batch_size))
-        method.end_task(task, _advancing(_loader(stats_set, options.batch_size, options.workers), progress))
-        progress.stage_end()
+        method.end_task(task, _advancing(_loader(stats_set, options.batch_size, options.workers), progress,
+                                         "class statistics"))
 
         details: dict[str, Any] = {
             "id": task.index,
@@ -295,8 +337,8 @@ def add_task(workspace_path: Path | str, folder: Path | str, options: TrainOptio
             sets.append((task, ImageDataset(data.root, data.test, method.backbone.eval_transform, task.offset)
                          if data.test else None))
             result = evaluate_tasks(method, sets, accelerator, options.batch_size, options.workers, progress)
-            details["accuracy"] = {"task": result["per_task"][-1], "all": result["all"],
-                                   "per_task": result["per_task"]}
+            details["accuracy"] = {"task": result.per_task[-1], "all": result.accuracy, "per_task": result.per_task,
+                                   "task_id": result.task_id_accuracy}
             details["timings"]["eval_s"] = round(time.perf_counter() - eval_started, 3)
 
         tensors = method.task_tensors(task)
@@ -309,8 +351,13 @@ def add_task(workspace_path: Path | str, folder: Path | str, options: TrainOptio
     return TaskReport(stored, details, accelerator.is_main_process)
 
 
-def _advancing(loader: DataLoader, progress: Progress) -> Iterator[Any]:
-    for batch in loader:
-        yield batch
-        progress.stage_advance(1)
+def _advancing(loader: DataLoader, progress: Progress, stage: str) -> Iterator[Any]:
+    """The loader's batches, shown as a progress stage once the method starts reading them (many never do)."""
+    progress.stage_start(stage, len(loader))
+    try:
+        for batch in loader:
+            yield batch
+            progress.stage_advance(1)
+    finally:
+        progress.stage_end()
 

@@ -10,5 +10,6 @@ for t in $(seq 1 "$tasks"); do
   clipcl add-task -w "$ws" "$bench/split-imagenette/task-$t"
 done
 clipcl tasks -w "$ws"
+clipcl eval -w "$ws"
 python examples/zero_shot_reference.py "$bench/split-imagenette" --tasks "$tasks" \
   --model "$bench/MiniCLIP-64.json" --pretrained "$bench/miniclip-B-cifar10.safetensors"

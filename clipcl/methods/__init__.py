@@ -1,9 +1,10 @@
 """Registered continual-learning methods. Importing a method's module registers it."""
 
-from . import baselines, dma  # noqa: F401
+from . import baselines, dma, finetune  # noqa: F401
 from .base import (
     Method,
     MethodConfig,
+    Prediction,
     TaskInfo,
     available_methods,
     build_config,
@@ -14,6 +15,7 @@ from .base import (
 __all__ = [
     "Method",
     "MethodConfig",
+    "Prediction",
     "TaskInfo",
     "available_methods",
     "build_config",

@@ -7,7 +7,8 @@ The engine knows nothing about any method. A method is an ``nn.Module`` that
 * returns its training loss from ``forward(images, labels)`` (labels index all classes seen so far),
 * may gather statistics after training (:meth:`Method.end_task`),
 * names the tensors to store for a task (:meth:`Method.task_tensors`), and
-* scores images over every class learned so far (:meth:`Method.predict_proba`).
+* scores images over every class learned so far (:meth:`Method.predict_proba`; methods with per-task modules
+  override :meth:`Method.predict` to route each image to its most likely tasks).
 
 It registers itself by name with :func:`register_method`, so adding a method never touches the engine or the CLI.
 """
@@ -43,6 +44,18 @@ class TaskInfo:
 
 
 @dataclass
+class Prediction:
+    """What a method says about a batch of images.
+
+    ``probs``: ``[batch, classes]`` over every class learned so far (rows sum to 1). ``task_scores``: ``[batch, tasks]``
+    from methods that route by task (how strongly each image belongs to each task); ``None`` otherwise.
+    """
+
+    probs: torch.Tensor
+    task_scores: torch.Tensor | None = None
+
+
+@dataclass
 class MethodConfig:
     """Base of every method's hyperparameters; each field's ``metadata["help"]`` documents it."""
 
@@ -55,6 +68,7 @@ class Method(nn.Module, ABC):
     default_epochs: ClassVar[int] = 5
     default_lr: ClassVar[float] = 1e-3
     summary: ClassVar[str] = ""
+    routes_tasks: ClassVar[bool] = False  # True where predict() accepts ``route`` (top-k tasks' modules only)
 
     def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
         super().__init__()
@@ -109,6 +123,13 @@ class Method(nn.Module, ABC):
     @abstractmethod
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``[batch, len(self.classes)]`` (rows sum to 1)."""
+
+    def predict(self, images: torch.Tensor, route: int | None = None) -> Prediction:
+        """Probabilities over every class learned so far; methods that route by task run only the ``route`` best
+        tasks' modules for each image (``None``: every task's)."""
+        if route is not None:
+            raise ClipclError(f"method {self.name} does not route by task: drop --route")
+        return Prediction(self.predict_proba(images))
 
     def task_metadata(self, task: TaskInfo) -> dict[str, Any]:
         """Extra facts about a task worth recording in its ``task.json`` (sizes, frozen experts, ...)."""

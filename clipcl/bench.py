@@ -1,0 +1,234 @@
+"""``clipcl bench``: run methods on a class-incremental split and compare them on the same numbers.
+
+A split is a folder of ``task-1 ... task-N`` task folders, each with ``train/`` and ``test/`` (or ``val/``) class
+folders. Every method learns the tasks in order in a fresh workspace, through the code behind ``clipcl init`` and
+``clipcl add-task``, so its accuracy matrix is the one ``add-task`` stores and ``clipcl eval`` shows.
+
+``joint`` is the upper bound: ``finetune`` trained once on a task that holds every class (the task folders are
+linked side by side, nothing is copied). To be comparable with the incremental rows, its matrix is filled from that
+one model: ``A[i][j]`` is its accuracy on task j's test images predicting among the classes of tasks 1..i only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backbone import resolve_model_spec
+from .data import task_layout
+from .engine import (
+    Progress,
+    TrainOptions,
+    add_task,
+    heldout_dataset,
+    library_versions,
+    make_accelerator,
+    predict_dataset,
+)
+from .errors import ClipclError, DataError
+from .inference import stored_matrix
+from .methods import get_method_class
+from .metrics import continual_metrics
+from .workspace import Workspace, now_iso
+
+JOINT = "joint"
+JOINT_METHOD = "finetune"
+TASK_FOLDER = re.compile(r"task-(\d+)")
+
+
+@dataclass
+class BenchSettings:
+    """Training settings shared by every method of a run; ``epochs=None`` means each method's default."""
+
+    epochs: int | None = None
+    batch_size: int = 32
+    lr: float | None = None
+    seed: int = 0
+    workers: int = 0
+    precision: str = "fp32"
+    max_tasks: int | None = None
+
+
+@dataclass
+class MethodResult:
+    """One method's outcome: the accuracy matrix, its metrics, and what training cost."""
+
+    method: str
+    matrix: list[list[float | None]]
+    accuracy_after_task: list[float | None]
+    avg: float | None
+    last: float | None
+    forgetting: float | None
+    bwt: float | None
+    train_s: float
+    train_images_per_s: float | None
+    total_s: float
+    task_id_accuracy: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def split_tasks(split_dir: Path | str, max_tasks: int | None = None) -> list[Path]:
+    """``task-1 ... task-N`` of a split folder, in order, each checked to hold a train and a test split."""
+    root = Path(split_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"split folder not found: {root}")
+    numbered = {int(m.group(1)): p for p in root.iterdir() if p.is_dir() and (m := TASK_FOLDER.fullmatch(p.name))}
+    if not numbered:
+        raise DataError(f"no task-1 ... task-N folders in {root}")
+    missing = [f"task-{i}" for i in range(1, max(numbered) + 1) if i not in numbered]
+    if missing:
+        raise DataError(f"{root} lacks {', '.join(missing)}: tasks must be numbered 1..N without gaps")
+    tasks = [numbered[i] for i in sorted(numbered)][:max_tasks]
+    for folder in tasks:
+        if task_layout(folder.resolve()).test_dir is None:
+            raise DataError(f"{folder} has no train/ and test/ (or val/) split: a benchmark needs fixed test sets")
+    return tasks
+
+
+def _options(settings: BenchSettings, method: str, name: str, evaluate: bool = True) -> TrainOptions:
+    trains = get_method_class(method).default_epochs > 0
+    return TrainOptions(name=name, epochs=settings.epochs if trains else None, batch_size=settings.batch_size,
+                        lr=settings.lr, seed=settings.seed, precision=settings.precision, workers=settings.workers,
+                        evaluate=evaluate)
+
+
+def _training_cost(details: Sequence[dict[str, Any]]) -> tuple[float, float | None]:
+    """Total training seconds and images per second over the tasks' stored timings."""
+    seconds = sum(d["timings"]["train_s"] for d in details)
+    images = sum(d["timings"]["images_per_s"] * d["timings"]["train_s"] for d in details)
+    return seconds, (images / seconds if seconds > 0 else None)
+
+
+def run_incremental(method: str, tasks: Sequence[Path], workspace_dir: Path, model: str, pretrained: str | None,
+                    settings: BenchSettings, progress: Progress) -> MethodResult:
+    """Learn ``tasks`` one after another with ``method`` in a new workspace, as ``clipcl add-task`` does."""
+    started = time.perf_counter()
+    Workspace.create(workspace_dir, resolve_model_spec(model, pretrained), method)
+    for i, folder in enumerate(tasks, start=1):
+        progress.info(f"{method}: task {i}/{len(tasks)} ({folder.name})")
+        add_task(workspace_dir, folder, _options(settings, method, folder.name), progress)
+    workspace = Workspace.open(workspace_dir)
+    matrix, sizes = stored_matrix(workspace)
+    details = [workspace.task_json(t) for t in workspace.tasks]
+    metrics = continual_metrics(matrix, sizes)
+    train_s, per_s = _training_cost(details)
+    return MethodResult(method, matrix, metrics.accuracy_after_task, metrics.avg, metrics.last, metrics.forgetting,
+                        metrics.bwt, train_s, per_s, time.perf_counter() - started,
+                        task_id_accuracy=(details[-1].get("accuracy") or {}).get("task_id"))
+
+
+def _link_joint_folder(tasks: Sequence[Path], target: Path) -> list[list[str]]:
+    """Link every task's class folders into ``target/train`` and ``target/test``; return each task's classes."""
+    classes = []
+    for folder in tasks:
+        layout = task_layout(folder.resolve())
+        assert layout.test_dir is not None
+        for split, source in (("train", layout.class_root), ("test", layout.test_dir)):
+            (target / split).mkdir(parents=True, exist_ok=True)
+            for class_dir in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                link = target / split / class_dir.name
+                if link.exists():
+                    raise DataError(f"class folder {class_dir.name!r} is in more than one task of the split")
+                link.symlink_to(class_dir.resolve(), target_is_directory=True)
+        classes.append(layout.classes)
+    return classes
+
+
+def run_joint(tasks: Sequence[Path], workspace_dir: Path, model: str, pretrained: str | None,
+              settings: BenchSettings, progress: Progress) -> MethodResult:
+    """Train ``finetune`` once on all classes; fill the matrix by restricting its predictions to seen classes."""
+    started = time.perf_counter()
+    joint_folder = workspace_dir.parent / f"{workspace_dir.name}-data"
+    task_classes = _link_joint_folder(tasks, joint_folder)
+    Workspace.create(workspace_dir, resolve_model_spec(model, pretrained), JOINT_METHOD)
+    progress.info(f"{JOINT}: one task of {sum(map(len, task_classes))} classes ({JOINT_METHOD} on all of them)")
+    report = add_task(workspace_dir, joint_folder, _options(settings, JOINT_METHOD, JOINT, evaluate=False), progress)
+    workspace = Workspace.open(workspace_dir)
+    accelerator = make_accelerator(settings.precision)
+    method = workspace.build_method(device=accelerator.device)
+    dataset = heldout_dataset(method, method.tasks[0], report.details)
+    if dataset is None:
+        raise DataError("the joint task has no test images")
+    progress.stage_start("evaluating", -(-len(dataset) // settings.batch_size))
+    probs, labels, _ = predict_dataset(method, dataset, accelerator, settings.batch_size, settings.workers, progress)
+    progress.stage_end()
+
+    column = {name: i for i, name in enumerate(method.classes)}
+    task_of_label = torch.empty(len(method.classes), dtype=torch.long)
+    for j, names in enumerate(task_classes):
+        task_of_label[[column[name] for name in names]] = j
+    image_task = task_of_label[labels]
+    matrix: list[list[float | None]] = []
+    sizes = [int((image_task == j).sum()) for j in range(len(tasks))]
+    for i in range(len(tasks)):
+        seen = torch.tensor([column[name] for names in task_classes[: i + 1] for name in names])
+        predicted = seen[probs[:, seen].argmax(dim=1)]
+        matrix.append([float((predicted[image_task == j] == labels[image_task == j]).float().mean())
+                       if sizes[j] else None for j in range(i + 1)])
+    metrics = continual_metrics(matrix, sizes)
+    train_s, per_s = _training_cost([report.details])
+    return MethodResult(JOINT, matrix, metrics.accuracy_after_task, metrics.avg, metrics.last, metrics.forgetting,
+                        metrics.bwt, train_s, per_s, time.perf_counter() - started,
+                        extra={"trained_as": JOINT_METHOD})
+
+
+def hardware() -> dict[str, Any]:
+    """The machine a benchmark ran on, for the record."""
+    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.machine(),
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def run_benchmark(split_dir: Path | str, methods: Sequence[str], model: str, pretrained: str | None = None,
+                  settings: BenchSettings | None = None, progress: Progress | None = None,
+                  keep_workspaces: Path | str | None = None) -> dict[str, Any]:
+    """Run each of ``methods`` (registered names, or ``joint``) on the split; returns the JSON-ready results."""
+    settings = settings or BenchSettings()
+    progress = progress or Progress()
+    methods = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
+    if not methods:
+        raise ClipclError("--methods names no method")
+    for name in methods:
+        if name != JOINT:
+            get_method_class(name)
+    tasks = split_tasks(split_dir, settings.max_tasks)
+    resolve_model_spec(model, pretrained)  # a wrong model fails here, not after the first method has trained
+    if keep_workspaces is not None:
+        keep = Path(keep_workspaces).expanduser()
+        taken = [m for m in methods if (keep / m).exists()]
+        if taken:
+            raise ClipclError(f"{keep} already holds {', '.join(taken)}: choose an empty folder for --workspaces")
+        keep.mkdir(parents=True, exist_ok=True)
+    started_at = now_iso()
+    results: list[MethodResult] = []
+    with tempfile.TemporaryDirectory(prefix="clipcl-bench-") as scratch:
+        base = Path(keep_workspaces).expanduser() if keep_workspaces is not None else Path(scratch)
+        for name in methods:
+            if name == JOINT:
+                results.append(run_joint(tasks, base / name, model, pretrained, settings, progress))
+            else:
+                results.append(run_incremental(name, tasks, base / name, model, pretrained, settings, progress))
+    return {
+        "split": str(Path(split_dir).expanduser().resolve()),
+        "tasks": [t.name for t in tasks],
+        "model": model,
+        "pretrained": pretrained,
+        "settings": dataclasses.asdict(settings),
+        "started_at": started_at,
+        "finished_at": now_iso(),
+        "hardware": hardware(),
+        "versions": library_versions(),
+        "methods": [dataclasses.asdict(result) for result in results],
+    }

@@ -1,0 +1,236 @@
+"""Asking a workspace about images: ``predict`` (any image files) and ``evaluate`` (each task's held-out images).
+
+Both load the base model and every stored task through :meth:`clipcl.workspace.Workspace.build_method` and predict
+over every class learned so far through the method's :meth:`~clipcl.methods.Method.predict`, so what they report is
+what ``add-task`` measured. ``evaluate`` also rebuilds the accuracy matrix that ``add-task`` stored row by row and
+derives the continual-learning metrics from it (:mod:`clipcl.metrics`).
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .data import IMAGE_SUFFIXES, list_images, load_image_checked, why_unreadable
+from .engine import Evaluation, Progress, evaluate_tasks, heldout_dataset, make_accelerator
+from .errors import ClipclError
+from .methods import Method, get_method_class
+from .metrics import ContinualMetrics, continual_metrics
+from .workspace import StoredTask, Workspace
+
+GLOB_CHARACTERS = frozenset("*?[")
+
+
+# --- which tasks, which route ---------------------------------------------------------------------------------------
+def select_tasks(workspace: Workspace, selection: str = "all") -> list[StoredTask]:
+    """The tasks named by ``selection``: ``all``, or a comma-separated list of task numbers or names."""
+    tasks = workspace.tasks
+    if not tasks:
+        raise ClipclError(f"workspace {workspace.path} has learned no task yet: run `clipcl add-task` first")
+    if selection.strip().lower() == "all":
+        return tasks
+    by_key = {str(t.info.index): t for t in tasks} | {t.name: t for t in tasks}
+    chosen: list[StoredTask] = []
+    for key in (part.strip() for part in selection.split(",")):
+        if key not in by_key:
+            known = ", ".join(f"{t.info.index} ({t.name})" for t in tasks)
+            raise ClipclError(f"--tasks: no task {key!r} in this workspace (tasks: {known})")
+        if by_key[key] not in chosen:
+            chosen.append(by_key[key])
+    return sorted(chosen, key=lambda t: t.info.index)
+
+
+def check_route(workspace: Workspace, route: int | None) -> None:
+    """Refuse ``--route`` for a method that does not route by task, or a K below 1, before any model is loaded."""
+    if route is None:
+        return
+    method_class = get_method_class(workspace.method_name)
+    if not method_class.routes_tasks:
+        raise ClipclError(f"method {workspace.method_name} does not route by task: drop --route")
+    if route < 1:
+        raise ClipclError(f"--route must be at least 1, got {route}")
+
+
+# --- evaluation -----------------------------------------------------------------------------------------------------
+def stored_matrix(workspace: Workspace) -> tuple[list[list[float | None]], list[int]]:
+    """The accuracy matrix ``A[i][j]`` that ``add-task`` stored (row i: after task i; ``None`` where not measured,
+    a whole row of ``None`` for a task added with ``--no-eval``) and each task's held-out size."""
+    matrix: list[list[float | None]] = []
+    sizes: list[int] = []
+    for i, task in enumerate(workspace.tasks):
+        details = workspace.task_json(task)
+        sizes.append(sum(details["counts"]["heldout"].values()))
+        row = (details.get("accuracy") or {}).get("per_task")
+        matrix.append(list(row) if row is not None else [None] * (i + 1))
+    return matrix, sizes
+
+
+@dataclass
+class EvalReport:
+    """Held-out accuracy now (``evaluation``) and the stored accuracy matrix with its metrics."""
+
+    workspace: Workspace
+    tasks: list[StoredTask]
+    evaluation: Evaluation
+    route: int | None
+    matrix: list[list[float | None]]
+    metrics: ContinualMetrics
+
+    def to_json(self) -> dict[str, Any]:
+        ev = self.evaluation
+        return {
+            "workspace": str(self.workspace.path),
+            "method": self.workspace.method_name,
+            "route": self.route,
+            "per_task": [
+                {"task": t.info.index, "name": t.name, "classes": list(t.info.classes), "images": n,
+                 "accuracy": acc, "task_id_accuracy": tid}
+                for t, acc, n, tid in zip(self.tasks, ev.per_task, ev.images, ev.task_id_per_task, strict=True)
+            ],
+            "accuracy": ev.accuracy,
+            "task_id_accuracy": ev.task_id_accuracy,
+            "matrix": self.matrix,
+            "accuracy_after_task": self.metrics.accuracy_after_task,
+            "avg": self.metrics.avg,
+            "last": self.metrics.last,
+            "forgetting": self.metrics.forgetting,
+            "bwt": self.metrics.bwt,
+        }
+
+
+def evaluate(workspace_path: Path | str, tasks: str = "all", route: int | None = None, batch_size: int = 64,
+             workers: int = 0, precision: str = "fp32", progress: Progress | None = None) -> EvalReport:
+    """Evaluate the workspace on the held-out images of ``tasks``, predicting over every class learned so far."""
+    progress = progress or Progress()
+    workspace = Workspace.open(workspace_path)
+    chosen = select_tasks(workspace, tasks)
+    check_route(workspace, route)
+    if batch_size < 1 or workers < 0:
+        raise ClipclError("--batch-size must be at least 1 and --workers at least 0")
+    matrix, sizes = stored_matrix(workspace)
+    accelerator = make_accelerator(precision)
+    method = workspace.build_method(device=accelerator.device)
+    sets = [(t.info, heldout_dataset(method, t.info, workspace.task_json(t))) for t in chosen]
+    evaluation = evaluate_tasks(method, sets, accelerator, batch_size, workers, progress, route=route)
+    return EvalReport(workspace, chosen, evaluation, route, matrix, continual_metrics(matrix, sizes))
+
+
+# --- prediction -----------------------------------------------------------------------------------------------------
+def expand_image_paths(patterns: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """Files to predict from files, folders (recursive, image files only) and glob patterns, in the order given
+    and without repeats; also the patterns that named nothing."""
+    found: list[Path] = []
+    unmatched: list[str] = []
+    for pattern in map(str, patterns):
+        path = Path(pattern).expanduser()
+        if path.is_file():
+            matches = [path]
+        elif path.is_dir():
+            matches = list_images(path)
+        elif GLOB_CHARACTERS & set(pattern):
+            matches = []
+            for hit in map(Path, sorted(glob.glob(str(path), recursive=True))):
+                if hit.is_dir():
+                    matches.extend(list_images(hit))
+                elif hit.suffix.lower() in IMAGE_SUFFIXES:
+                    matches.append(hit)
+        else:
+            matches = []
+        if not matches:
+            unmatched.append(pattern)
+        found.extend(matches)
+    return list(dict.fromkeys(found)), unmatched
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """One of an image's top classes: its name, the task that learned it, and its probability."""
+
+    class_name: str
+    task: int
+    task_name: str
+    prob: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"class": self.class_name, "task": self.task, "task_name": self.task_name, "prob": self.prob}
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """The top classes of one image, or why it could not be read."""
+
+    path: str
+    top: list[ClassScore]
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path, "top": [score.to_json() for score in self.top]}
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Image files decoded with the eval transform; one that cannot be read yields its reason instead."""
+
+    def __init__(self, paths: Sequence[Path], transform: Any) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return index, self.transform(load_image_checked(self.paths[index])), None
+        except Exception as exc:  # any decoding failure is reported for this file alone
+            return index, None, why_unreadable(exc)
+
+
+def _as_list(batch: list[tuple[int, torch.Tensor | None, str | None]]) -> list[tuple[int, Any, str | None]]:
+    """Keep a batch as a list: readable images are stacked once the unreadable ones are set aside."""
+    return batch
+
+
+def predict_images(workspace_path: Path | str, paths: Sequence[Path], top_k: int = 5, route: int | None = None,
+                   batch_size: int = 32, workers: int = 0, precision: str = "fp32",
+                   method: Method | None = None) -> Iterator[ImagePrediction]:
+    """Predict each image's ``top_k`` classes over everything learned, in the order of ``paths``.
+
+    An unreadable file yields an :class:`ImagePrediction` with ``error`` set; the others are still predicted.
+    Pass ``method`` (from :meth:`Workspace.build_method`) to reuse a loaded model across calls.
+    """
+    workspace = Workspace.open(workspace_path)
+    if not workspace.tasks:
+        raise ClipclError(f"workspace {workspace.path} has learned no task yet: run `clipcl add-task` first")
+    check_route(workspace, route)
+    if top_k < 1 or batch_size < 1 or workers < 0:
+        raise ClipclError("--top-k and --batch-size must be at least 1 and --workers at least 0")
+    accelerator = make_accelerator(precision)
+    method = method or workspace.build_method(device=accelerator.device)
+    owners = [(task.info.index, task.name) for task in workspace.tasks for _ in task.info.classes]
+    classes = method.classes
+    k = min(top_k, len(classes))
+    loader = DataLoader(_ImageFiles(paths, method.backbone.eval_transform), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_as_list)
+    for batch in loader:
+        readable = [(i, image) for i, image, _ in batch if image is not None]
+        results: dict[int, ImagePrediction] = {
+            i: ImagePrediction(str(paths[i]), [], error) for i, image, error in batch if image is None
+        }
+        if readable:
+            images = torch.stack([image for _, image in readable]).to(method.device)
+            with torch.no_grad(), accelerator.autocast():
+                probs = method.predict(images, route=route).probs.float().cpu()
+            values, indices = probs.topk(k, dim=1)
+            for row, (i, _) in enumerate(readable):
+                top = [ClassScore(classes[c], *owners[c], float(p))
+                       for p, c in zip(values[row].tolist(), indices[row].tolist(), strict=True)]
+                results[i] = ImagePrediction(str(paths[i]), top)
+        for i, _, _ in batch:
+            yield results[i]

@@ -1,0 +1,145 @@
+"""`clipcl bench` on a tiny generated split, the split-writing example, and the `finetune` baseline."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+from conftest import COLOURS, FAST, draw, invoke, make_task
+
+from clipcl import Workspace
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def make_split(root: Path, tasks: list[list[str]], train: int = 8, test: int = 4) -> Path:
+    for t, classes in enumerate(tasks, start=1):
+        make_task(root / f"task-{t}" / "train", classes, per_class=train)
+        make_task(root / f"task-{t}" / "test", classes, per_class=test, seed=1)
+    return root
+
+
+@pytest.fixture
+def split(tmp_path: Path) -> Path:
+    return make_split(tmp_path / "split", [["red", "green"], ["blue", "yellow"]])
+
+
+def test_bench_compares_methods_and_writes_json(split: Path, tmp_path: Path, tiny_config: Path,
+                                                tiny_weights: Path, runner) -> None:
+    out = tmp_path / "results.json"
+    kept = tmp_path / "kept"
+    result = invoke(runner, "bench", split, "--methods", "ncm,zeroshot,finetune,joint", "--model", tiny_config,
+                    "--pretrained", tiny_weights, "--epochs", "2", "--batch-size", "8", "--workers", "0",
+                    "--out", out, "--workspaces", kept, env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    for name in ("ncm", "zeroshot", "finetune", "joint", "Avg", "Forgetting", "train img/s"):
+        assert name in result.stdout
+    report = json.loads(out.read_text())
+    assert report["tasks"] == ["task-1", "task-2"]
+    assert report["settings"]["epochs"] == 2 and report["hardware"]["cpu_count"] >= 1
+    rows = {row["method"]: row for row in report["methods"]}
+    assert list(rows) == ["ncm", "zeroshot", "finetune", "joint"]
+    for row in rows.values():
+        assert [len(r) for r in row["matrix"]] == [1, 2]
+        assert row["avg"] == pytest.approx(sum(row["accuracy_after_task"]) / 2)
+        assert row["last"] == row["accuracy_after_task"][-1]
+    assert rows["ncm"]["train_s"] == 0 and rows["ncm"]["train_images_per_s"] is None
+    assert rows["finetune"]["train_images_per_s"] > 0
+    assert rows["ncm"]["last"] >= 0.9  # distinct colours, class means of any features
+    # the matrix of each method is the one its kept workspace stored; joint's last row is its plain evaluation
+    ncm = Workspace.open(kept / "ncm")
+    assert rows["ncm"]["matrix"] == [ncm.task_json(t)["accuracy"]["per_task"] for t in ncm.tasks]
+    joint = json.loads(invoke(runner, "eval", "-w", kept / "joint", "--json", "--workers", "0").stdout)
+    assert [t["name"] for t in joint["per_task"]] == ["joint"]
+    assert rows["joint"]["last"] == pytest.approx(joint["accuracy"])
+
+
+def test_bench_runs_dma_through_the_same_engine(split: Path, tmp_path: Path, tiny_config: Path,
+                                               tiny_weights: Path, runner) -> None:
+    out = tmp_path / "dma.json"
+    result = invoke(runner, "bench", split, "--methods", "dma", "--model", tiny_config, "--pretrained",
+                    tiny_weights, "--epochs", "1", "--batch-size", "8", "--workers", "0", "--tasks", "1",
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())["methods"]
+    assert row["method"] == "dma" and len(row["matrix"]) == 1 and row["task_id_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("change", "args", "needle"),
+    [
+        ("none", ["--methods", "ncm,nope"], "unknown method 'nope'"),
+        ("gap", [], "lacks task-2"),
+        ("no-test", [], "no train/ and test/"),
+        ("empty", [], "no task-1"),
+        ("none", ["--out", "/nowhere/r.json"], "--out: folder /nowhere does not exist"),
+    ],
+)
+def test_bench_refuses_bad_input_before_training(split: Path, tiny_config: Path, tiny_weights: Path, runner,
+                                                 change: str, args: list[str], needle: str) -> None:
+    import shutil
+
+    if change == "gap":
+        (split / "task-2").rename(split / "task-3")
+    elif change == "no-test":
+        shutil.rmtree(split / "task-2" / "test")
+    elif change == "empty":
+        for task in split.iterdir():
+            shutil.rmtree(task)
+    result = invoke(runner, "bench", split, "--model", tiny_config, "--pretrained", tiny_weights, *args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr and "Traceback" not in result.output
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_split_writes_the_layout_bench_reads(tmp_path: Path, tiny_config: Path, tiny_weights: Path) -> None:
+    make_split_module = _load_example("make_split")
+    names = ["red", "green", "blue", "yellow", "magenta", "cyan"]
+    rng = random.Random(0)
+    train = [(draw(COLOURS[name], rng), label) for label, name in enumerate(names) for _ in range(3)]
+    test = [(draw(COLOURS[name], rng), label) for label, name in enumerate(names) for _ in range(2)]
+    out = tmp_path / "split"
+    tasks = make_split_module.write_split(train, test, names, out, n_tasks=3, seed=1993)
+    assert sorted(c for task in tasks for c in task) == sorted(names)
+    assert tasks == json.loads((out / "split.json").read_text())["tasks"]
+    assert tasks == make_split_module.write_split(train, test, names, tmp_path / "again", n_tasks=3, seed=1993)
+    for t, classes in enumerate(tasks, start=1):
+        assert sorted(p.name for p in (out / f"task-{t}" / "train").iterdir()) == sorted(classes)
+        assert all(len(list((out / f"task-{t}" / "test" / c).glob("*.png"))) == 2 for c in classes)
+    from clipcl.bench import split_tasks
+
+    assert [p.name for p in split_tasks(out)] == ["task-1", "task-2", "task-3"]
+    with pytest.raises(SystemExit, match="do not split"):
+        make_split_module.write_split(train, test, names, tmp_path / "uneven", n_tasks=4)
+
+
+def test_finetune_trains_one_shared_lora_and_never_rewrites_a_task(workspace: Path, tiny_config: Path,
+                                                                   tiny_weights: Path, task_factory, runner,
+                                                                   tmp_path: Path) -> None:
+    ws = tmp_path / "ft"
+    invoke(runner, "init", "-w", ws, "--model", tiny_config, "--pretrained", tiny_weights, "--method", "finetune")
+    first = invoke(runner, "add-task", "-w", ws, task_factory("a", ["red", "green"]), *FAST)
+    assert first.exit_code == 0, first.output
+    stored = (ws / "tasks/task-001/tensors.safetensors").read_bytes()
+    result = invoke(runner, "add-task", "-w", ws, task_factory("b", ["blue", "yellow"]), *FAST)
+    assert result.exit_code == 0, result.output
+    assert (ws / "tasks/task-001/tensors.safetensors").read_bytes() == stored
+    workspace_ = Workspace.open(ws)
+    one, two = (workspace_.task_tensors(t) for t in workspace_.tasks)
+    lora_keys = [k for k in one if k.startswith("lora.")]
+    assert lora_keys and set(lora_keys) == {k for k in two if k.startswith("lora.")}
+    assert any(not (one[k] == two[k]).all() for k in lora_keys)  # the shared LoRA kept training
+    assert one["prompt.context"].shape[0] == two["prompt.context"].shape[0] == 2  # prompts of its own classes
+    accuracy = workspace_.task_json(workspace_.tasks[1])["accuracy"]
+    assert accuracy["per_task"][1] >= 0.8  # the newest task is learned
+    method = workspace_.build_method()
+    assert method.lora.names == ["shared"] and len(method.classes) == 4

@@ -1,0 +1,226 @@
+"""`clipcl predict` and `clipcl eval` as a user runs them, and dma's task routing, on one trained workspace."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, invoke, make_task, snapshot
+from PIL import Image
+
+from clipcl import Workspace
+from clipcl.engine import heldout_dataset
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path, tiny_weights: Path) -> Path:
+    """A dma workspace that learned two tasks (red, green) and (blue, yellow); tests only read it."""
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    root = tmp_path_factory.mktemp("inference")
+    ws = root / "ws"
+    assert invoke(runner, "init", "-w", ws, "--model", tiny_config, "--pretrained", tiny_weights).exit_code == 0
+    for name, classes in (("warm", ["red", "green"]), ("cool", ["blue", "yellow"])):
+        result = invoke(runner, "add-task", "-w", ws, make_task(root / "data" / name, classes), *FAST)
+        assert result.exit_code == 0, result.output
+    return ws
+
+
+@pytest.fixture
+def images(trained: Path) -> Path:
+    return trained.parent / "data"
+
+
+def _json_lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+def test_predict_a_directory_as_json_covers_every_image_and_every_task(trained: Path, images: Path, runner) -> None:
+    before = snapshot(trained)
+    result = invoke(runner, "predict", "-w", trained, images, "--json", "--top-k", "3", "--batch-size", "5")
+    assert result.exit_code == 0, result.output
+    lines = _json_lines(result.stdout)
+    assert len(lines) == 4 * 14  # every image below the folder, recursively
+    owner = {"red": 1, "green": 1, "blue": 2, "yellow": 2}
+    correct = 0
+    for line in lines:
+        top = line["top"]
+        assert len(top) == 3
+        probs = [entry["prob"] for entry in top]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+        assert all(owner[entry["class"]] == entry["task"] for entry in top)
+        correct += top[0]["class"] == Path(line["path"]).parent.name
+    assert correct / len(lines) >= 0.7  # the classes of both tasks are recognised (chance: 0.25)
+    assert snapshot(trained) == before  # predicting never writes to the workspace
+
+
+def test_predict_a_glob_and_a_file_and_top_k_beyond_the_class_count(trained: Path, images: Path, runner) -> None:
+    pattern = str(images / "*" / "red" / "00[0-2].png")
+    single = images / "cool" / "blue" / "005.png"
+    result = invoke(runner, "predict", "-w", trained, pattern, single, "--json", "-k", "10")
+    assert result.exit_code == 0, result.output
+    lines = _json_lines(result.stdout)
+    assert [Path(line["path"]).name for line in lines] == ["000.png", "001.png", "002.png", "005.png"]
+    assert all(len(line["top"]) == 4 for line in lines)  # only four classes were learned
+    assert sum(entry["prob"] for entry in lines[0]["top"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_table_names_each_image_its_class_and_task(trained: Path, images: Path, runner) -> None:
+    result = invoke(runner, "predict", "-w", trained, images / "warm" / "red" / "000.png", "-k", "2",
+                    env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "000.png" in result.stdout and "(warm)" in result.stdout and "%" in result.stdout
+
+
+def test_unreadable_image_gets_its_own_error_and_the_rest_are_predicted(trained: Path, tmp_path: Path,
+                                                                        runner) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (220, 30, 30)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"\x89PNG but truncated")
+    Image.new("RGB", (40, 40), (30, 40, 220)).save(folder / "c.png")
+    result = invoke(runner, "predict", "-w", trained, folder, tmp_path / "absent.jpg", "--json")
+    assert result.exit_code == 1
+    lines = _json_lines(result.stdout)
+    by_name = {Path(line["path"]).name: line for line in lines}
+    assert set(by_name) == {"absent.jpg", "a.png", "b.png", "c.png"}
+    assert "error" in by_name["b.png"] and "error" in by_name["absent.jpg"]
+    assert len(by_name["a.png"]["top"]) == len(by_name["c.png"]["top"]) == 4
+
+    table = invoke(runner, "predict", "-w", trained, folder)
+    assert table.exit_code == 1
+    assert [line for line in table.stderr.splitlines() if line.startswith("error:")] == [
+        line for line in table.stderr.splitlines() if "b.png" in line]
+    assert "a.png" in table.stdout and "c.png" in table.stdout and "Traceback" not in table.output
+
+
+def test_predict_with_nothing_to_read_or_nothing_learned_fails_cleanly(trained: Path, workspace: Path,
+                                                                       tmp_path: Path, images: Path, runner) -> None:
+    result = invoke(runner, "predict", "-w", trained, tmp_path / "nothing-*.png")
+    assert result.exit_code == 2 and "no image found" in result.stderr
+    result = invoke(runner, "predict", "-w", workspace, images)
+    assert result.exit_code == 2 and "learned no task yet" in result.stderr
+
+
+def test_eval_json_reproduces_what_add_task_stored(trained: Path, runner) -> None:
+    before = snapshot(trained)
+    result = invoke(runner, "eval", "-w", trained, "--json", "--batch-size", "8", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {"per_task", "accuracy", "matrix", "avg", "last", "forgetting", "bwt"} <= set(report)
+    assert [(t["task"], t["name"], t["classes"]) for t in report["per_task"]] == [
+        (1, "warm", ["green", "red"]), (2, "cool", ["blue", "yellow"])]
+    ws = Workspace.open(trained)
+    stored = [ws.task_json(task)["accuracy"] for task in ws.tasks]
+    assert report["matrix"] == [row["per_task"] for row in stored]
+    # the same model on the same images: today's evaluation equals the last stored row
+    assert [t["accuracy"] for t in report["per_task"]] == stored[-1]["per_task"]
+    assert report["accuracy"] == pytest.approx(stored[-1]["all"])
+    assert report["task_id_accuracy"] == pytest.approx(stored[-1]["task_id"])
+    assert report["accuracy_after_task"] == pytest.approx([stored[0]["all"], stored[1]["all"]])
+    assert report["avg"] == pytest.approx((stored[0]["all"] + stored[1]["all"]) / 2)
+    assert report["last"] == pytest.approx(stored[1]["all"])
+    assert report["forgetting"] == pytest.approx(stored[0]["per_task"][0] - stored[1]["per_task"][0])
+    assert snapshot(trained) == before
+
+
+def test_eval_selected_tasks_by_number_or_name(trained: Path, runner) -> None:
+    by_number = json.loads(invoke(runner, "eval", "-w", trained, "--tasks", "2", "--json").stdout)
+    by_name = json.loads(invoke(runner, "eval", "-w", trained, "--tasks", "cool", "--json").stdout)
+    assert [t["task"] for t in by_number["per_task"]] == [t["task"] for t in by_name["per_task"]] == [2]
+    assert by_number["accuracy"] == by_name["accuracy"] == by_number["per_task"][0]["accuracy"]
+    result = invoke(runner, "eval", "-w", trained, "--tasks", "1,7")
+    assert result.exit_code == 2 and "no task '7'" in result.stderr
+
+
+def test_eval_table_and_plot(trained: Path, tmp_path: Path, runner) -> None:
+    plot = tmp_path / "acc.png"
+    result = invoke(runner, "eval", "-w", trained, "--plot", plot, env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "stored accuracy matrix" in result.stdout and "Avg" in result.stdout and "Forgetting" in result.stdout
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.width > 400
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    missing = invoke(runner, "eval", "-w", trained, "--plot", tmp_path / "no" / "acc.png")
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
+
+
+def _heldout_images(trained: Path):
+    ws = Workspace.open(trained)
+    method = ws.build_method()
+    batches = []
+    for task in ws.tasks:
+        dataset = heldout_dataset(method, task.info, ws.task_json(task))
+        batches += [dataset[i][0] for i in range(len(dataset))]
+    return method, torch.stack(batches)
+
+
+def test_route_over_every_task_is_exactly_the_exhaustive_answer(trained: Path) -> None:
+    method, images = _heldout_images(trained)
+    exhaustive = method.predict(images)
+    routed = method.predict(images, route=len(method.tasks))
+    assert torch.equal(exhaustive.probs, routed.probs)
+    assert torch.equal(method.predict(images, route=99).probs, exhaustive.probs)  # K beyond T means every task
+
+
+def test_route_one_runs_one_adapter_per_image_and_keeps_its_task_only(trained: Path, monkeypatch) -> None:
+    method, images = _heldout_images(trained)
+    weights = method.task_weights(images)
+    best = weights.argmax(dim=1)
+    expected = torch.zeros(len(images), len(method.classes))
+    for i, task in enumerate(method.tasks):
+        method.lora.activate(method.adapter_name(task))
+        features = method.backbone.encode_images(images)
+        probs = (method.backbone.logit_scale() * features @ method.prompts.features(method.tasks).T).softmax(-1)
+        rows = best == i
+        expected[rows, task.class_slice] = probs[rows][:, task.class_slice]
+    expected /= expected.sum(dim=1, keepdim=True)
+
+    encoded: list[int] = []
+    encode = method.backbone.encode_images
+    monkeypatch.setattr(method.backbone, "encode_images", lambda x: encoded.append(len(x)) or encode(x))
+    routed = method.predict(images, route=1)
+    torch.testing.assert_close(routed.probs, expected)
+    assert sum(encoded) == 2 * len(images)  # one frozen pass for the router, one adapter pass per image
+    encoded.clear()
+    method.predict(images)
+    assert sum(encoded) == (1 + len(method.tasks)) * len(images)
+
+
+def test_route_through_the_cli(trained: Path, images: Path, runner) -> None:
+    result = invoke(runner, "eval", "-w", trained, "--route", "1", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["route"] == 1 and report["task_id_accuracy"] is not None
+    predicted = invoke(runner, "predict", "-w", trained, images / "cool", "--route", "2", "--json")
+    assert predicted.exit_code == 0 and len(_json_lines(predicted.stdout)) == 28
+    assert invoke(runner, "eval", "-w", trained, "--route", "0").exit_code == 2
+
+
+def test_route_is_refused_for_a_method_that_does_not_route(tmp_path: Path, tiny_config: Path, tiny_weights: Path,
+                                                            images: Path, runner) -> None:
+    ws = tmp_path / "ncm"
+    invoke(runner, "init", "-w", ws, "--model", tiny_config, "--pretrained", tiny_weights, "--method", "ncm")
+    invoke(runner, "add-task", "-w", ws, images / "warm", *FAST)
+    for command in (["eval", "-w", ws], ["predict", "-w", ws, images / "warm"]):
+        result = invoke(runner, *command, "--route", "1")
+        assert result.exit_code == 2 and "does not route by task" in result.stderr
+    assert json.loads(invoke(runner, "eval", "-w", ws, "--json").stdout)["task_id_accuracy"] is None
+
+
+def test_eval_after_held_out_images_are_gone(trained: Path, tmp_path: Path, runner) -> None:
+    data = trained.parent / "data"
+    moved = tmp_path / "moved"
+    shutil.move(data / "warm", moved)
+    try:
+        result = invoke(runner, "eval", "-w", trained, "--json")
+    finally:
+        shutil.move(moved, data / "warm")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["per_task"][0]["accuracy"] is None and report["per_task"][1]["accuracy"] is not None
+    assert "held-out images not found" in result.stderr

@@ -106,6 +106,10 @@ def test_init_into_an_existing_workspace(trained: Path, tiny_config: Path, tiny_
         (["--model", "ViT-B-16", "--pretrained", "openai", "--set", "colour=red"], "has no option 'colour'"),
         (["--model", "ViT-B-16", "--pretrained", "openai", "--set", "context_tokens=0"], "context_tokens"),
         (["--model", "ViT-B-16", "--pretrained", "openai", "--set", "lora_rank=0"], "lora_rank >= 1"),
+        (["--model", "ViT-B-16", "--pretrained", "openai", "--set", "router=nearest"], "router must be one of"),
+        (["--model", "ViT-B-16", "--pretrained", "openai", "--set", "router_shrinkage=0"], "router_shrinkage"),
+        (["--model", "ViT-B-16", "--pretrained", "openai", "--method", "finetune", "--set", "lora_dropout=1"],
+         "lora_dropout < 1"),
     ],
 )
 def test_init_rejects_bad_model_and_method_options(tmp_path: Path, runner, args: list[str], needle: str) -> None:

@@ -144,16 +144,29 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, n_classes: int) ->
     return sums / counts
 
 
+def within_class_scatter(features: torch.Tensor, labels: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """``sum_i (x_i - mean_{y_i})(x_i - mean_{y_i})^T`` in float64: the pooled covariance's numerator."""
+    centred = (features.double() - means.double()[labels])
+    return centred.T @ centred
+
+
 @torch.no_grad()
-def image_class_means(method: Method, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-                      ) -> torch.Tensor:
-    """Normalised mean image feature of each of ``task``'s classes, encoded as the model stands when called."""
+def encode_task_images(method: Method, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised image features of ``task``'s images, encoded as the model stands when called, and their labels
+    within the task (0..classes-1)."""
     features, labels = [], []
     for images, batch_labels in batches:
         features.append(method.backbone.encode_images(images.to(method.device)).float())
         labels.append(batch_labels.to(method.device) - task.offset)
-    means = class_means(torch.cat(features), torch.cat(labels), len(task.classes))
-    return torch.nn.functional.normalize(means, dim=-1)
+    return torch.cat(features), torch.cat(labels)
+
+
+def image_class_means(method: Method, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                      ) -> torch.Tensor:
+    """Normalised mean image feature of each of ``task``'s classes, encoded as the model stands when called."""
+    features, labels = encode_task_images(method, task, batches)
+    return torch.nn.functional.normalize(class_means(features, labels, len(task.classes)), dim=-1)
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -10,12 +10,13 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 from ..backbone import Backbone, context_tokens, encode_text_with_context, linearize_attention, phrase_embedding
 from ..errors import ClipclError
-from .base import MethodConfig, TaskInfo
+from .base import MethodConfig, TaskInfo, class_means, within_class_scatter
 
 ATTENTION_PROJECTIONS = r".*\.attn\.(q_proj|k_proj|v_proj|out_proj|qkv|proj)"
 
@@ -149,3 +150,91 @@ class ClassPrompts(nn.Module):
     def features(self, tasks: list[TaskInfo]) -> torch.Tensor:
         """Cached text features of ``tasks``' classes, in task order."""
         return torch.cat([self.cached(task) for task in tasks])
+
+
+class TaskRouter(nn.Module):
+    """Which tasks an image belongs to, from one pass of the frozen image encoder (../shared/METHODS.md, "Task
+    routing").
+
+    Each task keeps the mean frozen feature of each of its classes and the within-class scatter of its training
+    images. A task's score is the score of its best class: with ``mahalanobis``, the Gaussian log-likelihood under
+    the class's mean and the within-class covariance pooled over every task so far (shrunk toward a scaled identity,
+    so a few hundred images in a wide feature space still give an invertible matrix); with ``cosine``, the cosine to
+    the class mean at CLIP's logit scale. The softmax over tasks is the router's belief in each task.
+    """
+
+    KINDS = ("mahalanobis", "cosine")
+    MEANS_KEY = "router.feature_means"
+    SCATTER_KEY = "router.scatter"
+    COUNT_KEY = "router.count"
+
+    def __init__(self, kind: str = "mahalanobis", shrinkage: float = 0.01) -> None:
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ClipclError(f"router must be one of {', '.join(self.KINDS)}, got {kind!r}")
+        self.kind = kind
+        self.shrinkage = shrinkage
+        self.n_tasks = 0
+        self._precision: tuple[tuple[int, torch.device], torch.Tensor] | None = None  # ((tasks, device), matrix)
+
+    def add(self, task: TaskInfo, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Add a task's statistics (the dict :meth:`statistics` made, or its stored copy)."""
+        if task.index != self.n_tasks + 1:
+            raise ValueError(f"router statistics of task {task.index} added out of order")
+        for key in (self.MEANS_KEY, self.SCATTER_KEY, self.COUNT_KEY):
+            self.register_buffer(f"{key.split('.')[-1]}_{task.index}", tensors[key].to(device), persistent=False)
+        self.n_tasks += 1
+
+    @staticmethod
+    def statistics(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict[str, torch.Tensor]:
+        """A task's statistics from its frozen features and labels (0..n_classes-1)."""
+        means = class_means(features, labels, n_classes)
+        return {
+            TaskRouter.MEANS_KEY: means,
+            TaskRouter.SCATTER_KEY: within_class_scatter(features, labels, means).float(),
+            TaskRouter.COUNT_KEY: torch.tensor([len(labels)], dtype=torch.float32, device=features.device),
+        }
+
+    def tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
+        return {key: getattr(self, f"{key.split('.')[-1]}_{task.index}")
+                for key in (self.MEANS_KEY, self.SCATTER_KEY, self.COUNT_KEY)}
+
+    def _means(self) -> list[torch.Tensor]:
+        return [getattr(self, f"feature_means_{i}") for i in range(1, self.n_tasks + 1)]
+
+    def precision(self) -> torch.Tensor:
+        """Inverse of the shrunk pooled within-class covariance (float64), cached until a task is added."""
+        key = (self.n_tasks, self.scatter_1.device)
+        if self._precision is None or self._precision[0] != key:
+            scatter = sum(getattr(self, f"scatter_{i}").double() for i in range(1, self.n_tasks + 1))
+            count = sum(float(getattr(self, f"count_{i}")) for i in range(1, self.n_tasks + 1))
+            covariance = scatter / max(count, 1.0)
+            dim = covariance.shape[0]
+            target = torch.eye(dim, dtype=covariance.dtype, device=covariance.device) * covariance.trace() / dim
+            shrunk = (1 - self.shrinkage) * covariance + self.shrinkage * target
+            self._precision = (key, torch.linalg.inv(shrunk))
+        return self._precision[1]
+
+    @torch.no_grad()
+    def task_scores(self, features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        """``[batch, tasks]`` log-scores of the best class of each task for frozen ``features``."""
+        best = []
+        if self.kind == "cosine":
+            for means in self._means():
+                cosine = features.float() @ F.normalize(means.float(), dim=-1).T
+                best.append(logit_scale.float() * cosine.max(dim=1).values)
+            return torch.stack(best, dim=1)
+        precision = self.precision()
+        x = features.double()
+        x_precision = x @ precision
+        x_term = (x_precision * x).sum(dim=1, keepdim=True)
+        for means in self._means():
+            mu = means.double()
+            mu_term = ((mu @ precision) * mu).sum(dim=1)
+            log_likelihood = -0.5 * (x_term - 2 * x_precision @ mu.T + mu_term)
+            best.append(log_likelihood.max(dim=1).values)
+        return torch.stack(best, dim=1).float()
+
+    def weights(self, features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        """``[batch, tasks]`` softmax of :meth:`task_scores`: how strongly each image belongs to each task."""
+        return self.task_scores(features, logit_scale).softmax(dim=1)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .backbone import resolve_model_spec
-from .data import task_layout
+from .data import class_folders, task_layout
 from .engine import (
     Progress,
     TrainOptions,
@@ -34,11 +34,13 @@ from .engine import (
     library_versions,
     make_accelerator,
     predict_dataset,
+    require_single_process,
 )
 from .errors import ClipclError, DataError
 from .inference import stored_matrix
 from .methods import get_method_class
 from .metrics import continual_metrics
+from .storage import atomic_write_json
 from .workspace import Workspace, now_iso
 
 JOINT = "joint"
@@ -76,22 +78,51 @@ class MethodResult:
     task_id_accuracy: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_matrix(cls, method: str, matrix: list[list[float | None]], sizes: list[int],
+                    details: Sequence[dict[str, Any]], started: float, **more: Any) -> MethodResult:
+        """The metrics of ``matrix`` and the training cost recorded in the tasks' ``details``."""
+        metrics = continual_metrics(matrix, sizes)
+        seconds = sum(d["timings"]["train_s"] for d in details)
+        images = sum(d["timings"]["images_per_s"] * d["timings"]["train_s"] for d in details)
+        return cls(method, matrix, metrics.accuracy_after_task, metrics.avg, metrics.last, metrics.forgetting,
+                   metrics.bwt, seconds, images / seconds if seconds > 0 else None, time.perf_counter() - started,
+                   **more)
+
 
 def split_tasks(split_dir: Path | str, max_tasks: int | None = None) -> list[Path]:
-    """``task-1 ... task-N`` of a split folder, in order, each checked to hold a train and a test split."""
+    """``task-1 ... task-N`` of a split folder, in order, each checked to hold a train and a test split and classes
+    of its own, before anything trains."""
     root = Path(split_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"split folder not found: {root}")
-    numbered = {int(m.group(1)): p for p in root.iterdir() if p.is_dir() and (m := TASK_FOLDER.fullmatch(p.name))}
+    numbered: dict[int, Path] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        match = TASK_FOLDER.fullmatch(folder.name)
+        if match is None:
+            continue
+        number = int(match.group(1))
+        if number in numbered:
+            raise DataError(f"{numbered[number].name} and {folder.name} in {root} are both task {number}")
+        numbered[number] = folder
     if not numbered:
         raise DataError(f"no task-1 ... task-N folders in {root}")
+    if min(numbered) != 1:
+        raise DataError(f"the tasks in {root} must be numbered from task-1")
     missing = [f"task-{i}" for i in range(1, max(numbered) + 1) if i not in numbered]
     if missing:
         raise DataError(f"{root} lacks {', '.join(missing)}: tasks must be numbered 1..N without gaps")
     tasks = [numbered[i] for i in sorted(numbered)][:max_tasks]
+    owner: dict[str, str] = {}
     for folder in tasks:
-        if task_layout(folder.resolve()).test_dir is None:
+        layout = task_layout(folder.resolve())
+        if layout.test_dir is None:
             raise DataError(f"{folder} has no train/ and test/ (or val/) split: a benchmark needs fixed test sets")
+        for name in layout.classes:
+            if name.casefold() in owner:
+                raise DataError(f"class {name!r} is in both {owner[name.casefold()]} and {folder.name}: "
+                                "the tasks of a split must have disjoint classes")
+            owner[name.casefold()] = folder.name
     return tasks
 
 
@@ -100,13 +131,6 @@ def _options(settings: BenchSettings, method: str, name: str, evaluate: bool = T
     return TrainOptions(name=name, epochs=settings.epochs if trains else None, batch_size=settings.batch_size,
                         lr=settings.lr, seed=settings.seed, precision=settings.precision, workers=settings.workers,
                         evaluate=evaluate)
-
-
-def _training_cost(details: Sequence[dict[str, Any]]) -> tuple[float, float | None]:
-    """Total training seconds and images per second over the tasks' stored timings."""
-    seconds = sum(d["timings"]["train_s"] for d in details)
-    images = sum(d["timings"]["images_per_s"] * d["timings"]["train_s"] for d in details)
-    return seconds, (images / seconds if seconds > 0 else None)
 
 
 def run_incremental(method: str, tasks: Sequence[Path], workspace_dir: Path, model: str, pretrained: str | None,
@@ -120,11 +144,8 @@ def run_incremental(method: str, tasks: Sequence[Path], workspace_dir: Path, mod
     workspace = Workspace.open(workspace_dir)
     matrix, sizes = stored_matrix(workspace)
     details = [workspace.task_json(t) for t in workspace.tasks]
-    metrics = continual_metrics(matrix, sizes)
-    train_s, per_s = _training_cost(details)
-    return MethodResult(method, matrix, metrics.accuracy_after_task, metrics.avg, metrics.last, metrics.forgetting,
-                        metrics.bwt, train_s, per_s, time.perf_counter() - started,
-                        task_id_accuracy=(details[-1].get("accuracy") or {}).get("task_id"))
+    return MethodResult.from_matrix(method, matrix, sizes, details, started,
+                                    task_id_accuracy=(details[-1].get("accuracy") or {}).get("task_id"))
 
 
 def _link_joint_folder(tasks: Sequence[Path], target: Path) -> list[list[str]]:
@@ -133,13 +154,10 @@ def _link_joint_folder(tasks: Sequence[Path], target: Path) -> list[list[str]]:
     for folder in tasks:
         layout = task_layout(folder.resolve())
         assert layout.test_dir is not None
-        for split, source in (("train", layout.class_root), ("test", layout.test_dir)):
+        for split, class_dirs in (("train", layout.class_dirs), ("test", class_folders(layout.test_dir))):
             (target / split).mkdir(parents=True, exist_ok=True)
-            for class_dir in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                link = target / split / class_dir.name
-                if link.exists():
-                    raise DataError(f"class folder {class_dir.name!r} is in more than one task of the split")
-                link.symlink_to(class_dir.resolve(), target_is_directory=True)
+            for class_dir in class_dirs:
+                (target / split / class_dir.name).symlink_to(class_dir.resolve(), target_is_directory=True)
         classes.append(layout.classes)
     return classes
 
@@ -148,11 +166,11 @@ def run_joint(tasks: Sequence[Path], workspace_dir: Path, model: str, pretrained
               settings: BenchSettings, progress: Progress) -> MethodResult:
     """Train ``finetune`` once on all classes; fill the matrix by restricting its predictions to seen classes."""
     started = time.perf_counter()
-    joint_folder = workspace_dir.parent / f"{workspace_dir.name}-data"
-    task_classes = _link_joint_folder(tasks, joint_folder)
+    task_classes = _link_joint_folder(tasks, joint_data_folder(workspace_dir))
     Workspace.create(workspace_dir, resolve_model_spec(model, pretrained), JOINT_METHOD)
     progress.info(f"{JOINT}: one task of {sum(map(len, task_classes))} classes ({JOINT_METHOD} on all of them)")
-    report = add_task(workspace_dir, joint_folder, _options(settings, JOINT_METHOD, JOINT, evaluate=False), progress)
+    report = add_task(workspace_dir, joint_data_folder(workspace_dir),
+                      _options(settings, JOINT_METHOD, JOINT, evaluate=False), progress)
     workspace = Workspace.open(workspace_dir)
     accelerator = make_accelerator(settings.precision)
     method = workspace.build_method(device=accelerator.device)
@@ -162,24 +180,34 @@ def run_joint(tasks: Sequence[Path], workspace_dir: Path, model: str, pretrained
     progress.stage_start("evaluating", -(-len(dataset) // settings.batch_size))
     probs, labels, _ = predict_dataset(method, dataset, accelerator, settings.batch_size, settings.workers, progress)
     progress.stage_end()
+    matrix, sizes = seen_class_matrix(probs, labels, method.classes, task_classes)
+    return MethodResult.from_matrix(JOINT, matrix, sizes, [report.details], started,
+                                    extra={"trained_as": JOINT_METHOD})
 
-    column = {name: i for i, name in enumerate(method.classes)}
-    task_of_label = torch.empty(len(method.classes), dtype=torch.long)
+
+def seen_class_matrix(probs: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
+                      task_classes: Sequence[Sequence[str]]) -> tuple[list[list[float | None]], list[int]]:
+    """The accuracy matrix of one model that knows every class, if after task i it could only answer with the
+    classes of tasks 1..i: ``A[i][j]`` = accuracy on task j's images with predictions restricted to those classes.
+    Also the number of images of each task."""
+    column = {name: i for i, name in enumerate(classes)}
+    task_of_label = torch.empty(len(classes), dtype=torch.long)
     for j, names in enumerate(task_classes):
         task_of_label[[column[name] for name in names]] = j
     image_task = task_of_label[labels]
+    sizes = [int((image_task == j).sum()) for j in range(len(task_classes))]
     matrix: list[list[float | None]] = []
-    sizes = [int((image_task == j).sum()) for j in range(len(tasks))]
-    for i in range(len(tasks)):
+    for i in range(len(task_classes)):
         seen = torch.tensor([column[name] for names in task_classes[: i + 1] for name in names])
         predicted = seen[probs[:, seen].argmax(dim=1)]
-        matrix.append([float((predicted[image_task == j] == labels[image_task == j]).float().mean())
-                       if sizes[j] else None for j in range(i + 1)])
-    metrics = continual_metrics(matrix, sizes)
-    train_s, per_s = _training_cost([report.details])
-    return MethodResult(JOINT, matrix, metrics.accuracy_after_task, metrics.avg, metrics.last, metrics.forgetting,
-                        metrics.bwt, train_s, per_s, time.perf_counter() - started,
-                        extra={"trained_as": JOINT_METHOD})
+        hits = predicted == labels
+        matrix.append([float(hits[image_task == j].float().mean()) if sizes[j] else None for j in range(i + 1)])
+    return matrix, sizes
+
+
+def joint_data_folder(workspace_dir: Path) -> Path:
+    """Where ``joint`` links the split's class folders side by side, next to its workspace."""
+    return workspace_dir.parent / f"{workspace_dir.name}-data"
 
 
 def hardware() -> dict[str, Any]:
@@ -191,10 +219,27 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def check_output_file(path: Path | str) -> Path:
+    """Refuse, before any work, a results file that could not be written."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ClipclError(f"--out: {path} is a folder")
+    if not path.parent.is_dir():
+        raise ClipclError(f"--out: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ClipclError(f"--out: {path} cannot be written")
+    return path
+
+
 def run_benchmark(split_dir: Path | str, methods: Sequence[str], model: str, pretrained: str | None = None,
                   settings: BenchSettings | None = None, progress: Progress | None = None,
-                  keep_workspaces: Path | str | None = None) -> dict[str, Any]:
-    """Run each of ``methods`` (registered names, or ``joint``) on the split; returns the JSON-ready results."""
+                  keep_workspaces: Path | str | None = None, out: Path | str | None = None) -> dict[str, Any]:
+    """Run each of ``methods`` (registered names, or ``joint``) on the split; returns the JSON-ready results.
+
+    Everything that can be checked is checked before the first method trains. With ``out``, the results so far are
+    written after each method, so a long run that fails late keeps what it measured.
+    """
+    require_single_process("bench")
     settings = settings or BenchSettings()
     progress = progress or Progress()
     methods = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
@@ -203,32 +248,43 @@ def run_benchmark(split_dir: Path | str, methods: Sequence[str], model: str, pre
     for name in methods:
         if name != JOINT:
             get_method_class(name)
+    TrainOptions(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+                 workers=settings.workers).check()
+    make_accelerator(settings.precision)
+    out_path = check_output_file(out) if out is not None else None
     tasks = split_tasks(split_dir, settings.max_tasks)
     resolve_model_spec(model, pretrained)  # a wrong model fails here, not after the first method has trained
-    if keep_workspaces is not None:
-        keep = Path(keep_workspaces).expanduser()
-        taken = [m for m in methods if (keep / m).exists()]
+    keep = Path(keep_workspaces).expanduser() if keep_workspaces is not None else None
+    if keep is not None:
+        if keep.exists() and not keep.is_dir():
+            raise ClipclError(f"--workspaces: {keep} exists and is not a folder")
+        taken = [p.name for m in methods for p in (keep / m, joint_data_folder(keep / m)) if p.exists()]
         if taken:
             raise ClipclError(f"{keep} already holds {', '.join(taken)}: choose an empty folder for --workspaces")
         keep.mkdir(parents=True, exist_ok=True)
-    started_at = now_iso()
-    results: list[MethodResult] = []
-    with tempfile.TemporaryDirectory(prefix="clipcl-bench-") as scratch:
-        base = Path(keep_workspaces).expanduser() if keep_workspaces is not None else Path(scratch)
-        for name in methods:
-            if name == JOINT:
-                results.append(run_joint(tasks, base / name, model, pretrained, settings, progress))
-            else:
-                results.append(run_incremental(name, tasks, base / name, model, pretrained, settings, progress))
-    return {
+    results: dict[str, Any] = {
         "split": str(Path(split_dir).expanduser().resolve()),
         "tasks": [t.name for t in tasks],
         "model": model,
         "pretrained": pretrained,
         "settings": dataclasses.asdict(settings),
-        "started_at": started_at,
-        "finished_at": now_iso(),
+        "started_at": now_iso(),
+        "finished_at": None,
         "hardware": hardware(),
         "versions": library_versions(),
-        "methods": [dataclasses.asdict(result) for result in results],
+        "methods": [],
     }
+    with tempfile.TemporaryDirectory(prefix="clipcl-bench-") as scratch:
+        base = keep if keep is not None else Path(scratch)
+        for name in methods:
+            if name == JOINT:
+                result = run_joint(tasks, base / name, model, pretrained, settings, progress)
+            else:
+                result = run_incremental(name, tasks, base / name, model, pretrained, settings, progress)
+            results["methods"].append(dataclasses.asdict(result))
+            if out_path is not None:
+                atomic_write_json(out_path, results)
+    results["finished_at"] = now_iso()
+    if out_path is not None:
+        atomic_write_json(out_path, results)
+    return results

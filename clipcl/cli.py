@@ -218,7 +218,11 @@ def add_task_command(
                                            show_default=False)],
     workspace: WorkspaceOption = Path(DEFAULT_WORKSPACE),
     name: Annotated[str | None, typer.Option(help="Task name (default: the folder's name).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Training epochs (default: the method's).", min=0)] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default: the method's); for methods that "
+                                                    "train in two stages, epochs of each.", min=0)] = None,
+    epochs_stage2: Annotated[int | None, typer.Option("--epochs-stage2", help="Epochs of the second stage, for "
+                                                      "methods that train in two (dmc, dmc-ot).", min=0,
+                                                      show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.", min=1)] = 32,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: the method's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and shuffling.")] = 0,
@@ -230,7 +234,7 @@ def add_task_command(
 ) -> None:
     """Learn a folder of classes as the workspace's next task, then evaluate and store it."""
     options = TrainOptions(name=name, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, holdout=holdout,
-                           precision=precision, workers=workers, evaluate=evaluate)
+                           precision=precision, workers=workers, evaluate=evaluate, epochs_stage2=epochs_stage2)
     report = add_task(workspace, folder, options, RichProgress())
     if not report.is_main_process:
         return
@@ -258,6 +262,7 @@ def tasks(
             "created_at": task.created_at,
             "epochs": details["training"]["epochs"],
             "accuracy": details.get("accuracy"),
+            "method": details.get("method") or {},
         })
     if as_json:
         summary = {"workspace": str(ws.path), "model": ws.model_spec.describe(), "method": ws.method_name,
@@ -271,13 +276,16 @@ def tasks(
                             ("held-out", "right"), ("stored", "right"), ("added", "left"),
                             ("acc (task)", "right"), ("acc (all)", "right")):
         table.add_column(column, justify=justify)
+    with_notes = any(row["method"] for row in rows)
+    if with_notes:
+        table.add_column(ws.method_name, justify="left")
     for row in rows:
         accuracy = row["accuracy"] or {}
         names = ", ".join(row["classes"])
         table.add_row(str(row["id"]), row["name"], names if len(names) <= 60 else names[:57] + "...",
                       str(row["train_images"]), str(row["heldout_images"]), _size(row["tensor_bytes"]),
                       row["created_at"].replace("T", " ")[:16], _percent(accuracy.get("task")),
-                      _percent(accuracy.get("all")))
+                      _percent(accuracy.get("all")), *((_method_notes(row["method"]),) if with_notes else ()))
     out().print(table)
 
 
@@ -311,6 +319,8 @@ def predict(
     files, unmatched = expand_image_paths(paths)
     if not files:
         raise ClipclError(f"no image found at {', '.join(paths)}")
+    predictions = predict_images(workspace, files, top_k=top_k, route=route, batch_size=batch_size, workers=workers,
+                                 precision=precision)
     failures = 0
 
     def report_error(path: str, message: str) -> None:
@@ -326,8 +336,7 @@ def predict(
     table = Table(show_header=True)
     for column, justify in (("image", "left"), ("class", "left"), ("task", "left"), ("prob", "right")):
         table.add_column(column, justify=justify, overflow="fold")
-    for result in predict_images(workspace, files, top_k=top_k, route=route, batch_size=batch_size,
-                                 workers=workers, precision=precision):
+    for result in predictions:
         if result.error is not None:
             report_error(result.path, f"cannot read the image: {result.error}")
         elif as_json:
@@ -368,12 +377,14 @@ def eval_command(
     (row i: after task i); Avg, Last, Forgetting and BWT are computed from it.
     """
     from .inference import evaluate
-    from .plot import plot_accuracy
+    from .plot import check_plot_path, plot_accuracy
 
-    if plot is not None and not plot.expanduser().parent.is_dir():
-        raise ClipclError(f"--plot: folder {plot.expanduser().parent} does not exist")
+    if plot is not None:
+        check_plot_path(plot)
     report = evaluate(workspace, tasks_, route=route, batch_size=batch_size, workers=workers, precision=precision,
                       progress=RichProgress())
+    if not report.is_main_process:
+        return
     if plot is not None:
         names = [t.name for t in report.workspace.tasks]
         plot_accuracy(plot, report.matrix, report.metrics.accuracy_after_task, names,
@@ -436,13 +447,11 @@ def bench(
 ) -> None:
     """Run methods on a class-incremental split, each in a fresh workspace, and compare Avg, Last, Forgetting."""
     from .bench import BenchSettings, run_benchmark
-    from .storage import atomic_write_json
 
-    if out_file is not None and not out_file.expanduser().parent.is_dir():
-        raise ClipclError(f"--out: folder {out_file.expanduser().parent} does not exist")
     settings = BenchSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers,
                              precision=precision, max_tasks=tasks_)
-    results = run_benchmark(split_dir, methods.split(","), model, pretrained, settings, RichProgress(), workspaces)
+    results = run_benchmark(split_dir, methods.split(","), model, pretrained, settings, RichProgress(), workspaces,
+                            out_file)
     table = Table(title=f"{Path(results['split']).name}: {len(results['tasks'])} tasks, model {model}")
     for column in ("method", "Avg", "Last", "Forgetting", "BWT", "train time", "train img/s"):
         table.add_column(column, justify="left" if column == "method" else "right")
@@ -452,8 +461,16 @@ def bench(
                       "-" if row["train_images_per_s"] is None else f"{row['train_images_per_s']:.1f}")
     out().print(table)
     if out_file is not None:
-        atomic_write_json(out_file.expanduser(), results)
         out().print(f"Wrote {escape(str(out_file))}")
+
+
+def _method_notes(metadata: dict[str, Any]) -> str:
+    """A method's facts about a task (task_metadata), one "name: value" per line; byte counts made readable."""
+    lines = []
+    for key, value in metadata.items():
+        shown = _size(value) if "bytes" in key and isinstance(value, int) else str(value)
+        lines.append(f"{key.replace('_', ' ')}: {shown}")
+    return escape("\n".join(lines))
 
 
 def _size(n_bytes: int) -> str:

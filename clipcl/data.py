@@ -91,7 +91,7 @@ def list_images(directory: Path) -> list[Path]:
     return found
 
 
-def _class_folders(directory: Path) -> list[Path]:
+def class_folders(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
@@ -143,7 +143,7 @@ def task_layout(root: Path) -> TaskLayout:
     if test_dir is not None and not train_dir.is_dir():
         raise DataError(f"{root} has {test_dir.name}/ but no train/: give both splits, or class folders only")
     class_root = train_dir if train_dir.is_dir() else root
-    class_dirs = _class_folders(class_root)
+    class_dirs = class_folders(class_root)
     if not class_dirs:
         raise DataError(f"no class sub-folders in {class_root} (expected <folder>/<class name>/<images>)")
     classes: list[str] = []
@@ -185,7 +185,7 @@ def scan_task_folder(
         sources.extend(("train", label, p) for p in list_images(folder))
     if test_dir is not None:
         by_name = {class_name_from_folder(f.name).casefold(): i for i, f in enumerate(class_dirs)}
-        for folder in _class_folders(test_dir):
+        for folder in class_folders(test_dir):
             label = by_name.get(class_name_from_folder(folder.name).casefold())
             if label is None:
                 raise DataError(f"{test_dir.name}/ has a class that train/ lacks: {folder.name}")

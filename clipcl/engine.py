@@ -48,6 +48,15 @@ class TrainOptions:
     workers: int = field(default_factory=default_workers)
     evaluate: bool = True
     lock_wait: float = 0.0
+    epochs_stage2: int | None = None  # methods that train in two stages: epochs of the second (default: epochs)
+
+    def check(self) -> None:
+        """Refuse settings that cannot train, before anything is loaded."""
+        check_loader_options(self.batch_size, self.workers)
+        if any(e is not None and e < 0 for e in (self.epochs, self.epochs_stage2)):
+            raise ClipclError("--epochs cannot be negative")
+        if self.lr is not None and not self.lr > 0:
+            raise ClipclError("--lr must be positive")
 
 
 class Progress:
@@ -95,6 +104,17 @@ def make_accelerator(precision: str) -> Any:
         raise ClipclError(f"cannot use --precision {precision}: {exc}") from exc
 
 
+def check_loader_options(batch_size: int, workers: int) -> None:
+    if batch_size < 1 or workers < 0:
+        raise ClipclError("--batch-size must be at least 1 and --workers at least 0")
+
+
+def require_single_process(command: str) -> None:
+    """Refuse a command that does not split its work across processes when started under torchrun or Accelerate."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ClipclError(f"{command} runs in one process: start it without torchrun or accelerate launch")
+
+
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -127,14 +147,16 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int) -> to
 
 
 def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs: int, batch_size: int, lr: float,
-                 workers: int, seed: int, progress: Progress) -> dict[str, float]:
-    """Optimise ``method.trainable_parameters()`` on ``dataset``; returns step count, wall time and images/s."""
+                 workers: int, seed: int, progress: Progress, label: str = "") -> dict[str, float]:
+    """Optimise ``method.trainable_parameters()`` on ``dataset``; returns step count, wall time and images/s.
+
+    ``label`` prefixes the progress stages (the method's training stage, for methods with several)."""
     method.requires_grad_(False)
     params = method.trainable_parameters()
     for param in params:
         param.requires_grad_(True)
     if not params or epochs == 0:
-        return {"steps": 0, "seconds": 0.0, "images_per_s": 0.0}
+        return {"steps": 0, "seconds": 0.0, "images_per_s": 0.0, "images": 0}
     loader = _loader(dataset, batch_size, workers, shuffle=True, seed=seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total_steps = epochs * len(loader)
@@ -145,7 +167,7 @@ def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs
     seen, started = 0, time.perf_counter()
     try:
         for epoch in range(epochs):
-            progress.stage_start(f"epoch {epoch + 1}/{epochs}", len(loader))
+            progress.stage_start(f"{label}epoch {epoch + 1}/{epochs}", len(loader))
             for images, labels in loader:
                 loss = model(images, labels)
                 if not torch.isfinite(loss):
@@ -162,7 +184,7 @@ def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs
         model.eval()
         accelerator.free_memory()
     seconds = time.perf_counter() - started
-    return {"steps": steps_per_process, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+    return {"steps": steps_per_process, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9), "images": seen}
 
 
 @torch.no_grad()
@@ -230,7 +252,8 @@ def evaluate_tasks(method: Method, sets: Sequence[tuple[TaskInfo, ImageDataset |
     progress.stage_start("evaluating", total_batches)
     for task, dataset in sets:
         if dataset is None:
-            progress.warn(f"task {task.index}: held-out images not found; its accuracy is not measured")
+            progress.warn(f"task {task.index}: no held-out images found (none kept, or moved since); "
+                          "its accuracy is not measured")
             per_task.append(None)
             images.append(0)
             task_id.append(None)
@@ -270,12 +293,7 @@ def add_task(workspace_path: Path | str, folder: Path | str, options: TrainOptio
     """Learn ``folder`` (class sub-folders) as the workspace's next task, evaluate, and store it."""
     options = options or TrainOptions()
     progress = progress or Progress()
-    if options.batch_size < 1 or options.workers < 0:
-        raise ClipclError("--batch-size must be at least 1 and --workers at least 0")
-    if options.epochs is not None and options.epochs < 0:
-        raise ClipclError("--epochs cannot be negative")
-    if options.lr is not None and not options.lr > 0:
-        raise ClipclError("--lr must be positive")
+    options.check()
     workspace = Workspace.open(workspace_path)
     accelerator = make_accelerator(options.precision)
     if not accelerator.is_main_process:
@@ -294,6 +312,8 @@ def add_task(workspace_path: Path | str, folder: Path | str, options: TrainOptio
         scan_seconds = time.perf_counter() - started
 
         method_class = get_method_class(workspace.method_name)
+        if options.epochs_stage2 is not None and len(method_class.stages) < 2:
+            raise ClipclError(f"method {method_class.name} trains in one stage: drop --epochs-stage2")
         epochs = method_class.default_epochs if options.epochs is None else options.epochs
         lr = options.lr or method_class.default_lr
         from accelerate.utils import set_seed
@@ -303,11 +323,25 @@ def add_task(workspace_path: Path | str, folder: Path | str, options: TrainOptio
         task = TaskInfo(index=workspace.next_task_index(), classes=tuple(data.classes), offset=len(workspace.classes))
         method.begin_task(task)
         train_set = ImageDataset(data.root, data.train, method.backbone.train_transform, label_offset=task.offset)
-        training = train_method(method, train_set, accelerator, epochs, options.batch_size, lr, options.workers,
-                                options.seed, progress)
         stats_set = ImageDataset(data.root, data.train, method.backbone.eval_transform, label_offset=task.offset)
+        later_epochs = epochs if options.epochs_stage2 is None else options.epochs_stage2
+        stage_epochs = [epochs] + [later_epochs] * (len(method.stages) - 1)
+        stages = []
+        for number, (stage, n_epochs) in enumerate(zip(method.stages, stage_epochs, strict=True), start=1):
+            method.begin_stage(stage)
+            label = f"{stage}: " if len(method.stages) > 1 else ""
+            run = train_method(method, train_set, accelerator, n_epochs, options.batch_size, lr, options.workers,
+                               options.seed, progress, label)
+            stages.append({"stage": stage, "epochs": n_epochs, "steps": run["steps"],
+                           "train_s": round(run["seconds"], 3), "images": run["images"]})
+            if number < len(method.stages):
+                method.end_stage(stage, _advancing(_loader(stats_set, options.batch_size, options.workers), progress,
+                                                   f"{label}statistics"))
         method.end_task(task, _advancing(_loader(stats_set, options.batch_size, options.workers), progress,
                                          "class statistics"))
+        train_seconds = sum(s["train_s"] for s in stages)
+        training = {"steps": sum(s["steps"] for s in stages), "seconds": train_seconds,
+                    "images_per_s": sum(s["images"] for s in stages) / train_seconds if train_seconds > 0 else 0.0}
 
         details: dict[str, Any] = {
             "id": task.index,
@@ -325,7 +359,8 @@ def add_task(workspace_path: Path | str, folder: Path | str, options: TrainOptio
                          "schedule": "cosine, 5% warm-up", "steps": training["steps"],
                          "processes": accelerator.num_processes, "device": str(accelerator.device)},
             "timings": {"scan_s": round(scan_seconds, 3), "train_s": round(training["seconds"], 3),
-                        "images_per_s": round(training["images_per_s"], 2)},
+                        "images_per_s": round(training["images_per_s"], 2),
+                        **({"stages": stages} if len(stages) > 1 else {})},
             "method": method.task_metadata(task),
             "versions": library_versions(),
             "accuracy": None,

@@ -18,7 +18,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import IMAGE_SUFFIXES, list_images, load_image_checked, why_unreadable
-from .engine import Evaluation, Progress, evaluate_tasks, heldout_dataset, make_accelerator
+from .engine import (
+    Evaluation,
+    Progress,
+    check_loader_options,
+    evaluate_tasks,
+    heldout_dataset,
+    make_accelerator,
+    require_single_process,
+)
 from .errors import ClipclError
 from .methods import Method, get_method_class
 from .metrics import ContinualMetrics, continual_metrics
@@ -28,11 +36,16 @@ GLOB_CHARACTERS = frozenset("*?[")
 
 
 # --- which tasks, which route ---------------------------------------------------------------------------------------
+def learned_tasks(workspace: Workspace) -> list[StoredTask]:
+    """The workspace's tasks; a workspace that has learned nothing yet cannot answer anything."""
+    if not workspace.tasks:
+        raise ClipclError(f"workspace {workspace.path} has learned no task yet: run `clipcl add-task` first")
+    return workspace.tasks
+
+
 def select_tasks(workspace: Workspace, selection: str = "all") -> list[StoredTask]:
     """The tasks named by ``selection``: ``all``, or a comma-separated list of task numbers or names."""
-    tasks = workspace.tasks
-    if not tasks:
-        raise ClipclError(f"workspace {workspace.path} has learned no task yet: run `clipcl add-task` first")
+    tasks = learned_tasks(workspace)
     if selection.strip().lower() == "all":
         return tasks
     by_key = {str(t.info.index): t for t in tasks} | {t.name: t for t in tasks}
@@ -73,7 +86,10 @@ def stored_matrix(workspace: Workspace) -> tuple[list[list[float | None]], list[
 
 @dataclass
 class EvalReport:
-    """Held-out accuracy now (``evaluation``) and the stored accuracy matrix with its metrics."""
+    """Held-out accuracy now (``evaluation``) and the stored accuracy matrix with its metrics.
+
+    Under several processes every one evaluates its share and gets the whole result; only the main one reports.
+    """
 
     workspace: Workspace
     tasks: list[StoredTask]
@@ -81,6 +97,7 @@ class EvalReport:
     route: int | None
     matrix: list[list[float | None]]
     metrics: ContinualMetrics
+    is_main_process: bool = True
 
     def to_json(self) -> dict[str, Any]:
         ev = self.evaluation
@@ -111,14 +128,14 @@ def evaluate(workspace_path: Path | str, tasks: str = "all", route: int | None =
     workspace = Workspace.open(workspace_path)
     chosen = select_tasks(workspace, tasks)
     check_route(workspace, route)
-    if batch_size < 1 or workers < 0:
-        raise ClipclError("--batch-size must be at least 1 and --workers at least 0")
+    check_loader_options(batch_size, workers)
     matrix, sizes = stored_matrix(workspace)
     accelerator = make_accelerator(precision)
     method = workspace.build_method(device=accelerator.device)
     sets = [(t.info, heldout_dataset(method, t.info, workspace.task_json(t))) for t in chosen]
     evaluation = evaluate_tasks(method, sets, accelerator, batch_size, workers, progress, route=route)
-    return EvalReport(workspace, chosen, evaluation, route, matrix, continual_metrics(matrix, sizes))
+    return EvalReport(workspace, chosen, evaluation, route, matrix, continual_metrics(matrix, sizes),
+                      accelerator.is_main_process)
 
 
 # --- prediction -----------------------------------------------------------------------------------------------------
@@ -193,7 +210,7 @@ class _ImageFiles(torch.utils.data.Dataset):
 
 
 def _as_list(batch: list[tuple[int, torch.Tensor | None, str | None]]) -> list[tuple[int, Any, str | None]]:
-    """Keep a batch as a list: readable images are stacked once the unreadable ones are set aside."""
+    """Collate nothing: a batch may hold unreadable files, so images are stacked after those are set aside."""
     return batch
 
 
@@ -202,22 +219,28 @@ def predict_images(workspace_path: Path | str, paths: Sequence[Path], top_k: int
                    method: Method | None = None) -> Iterator[ImagePrediction]:
     """Predict each image's ``top_k`` classes over everything learned, in the order of ``paths``.
 
-    An unreadable file yields an :class:`ImagePrediction` with ``error`` set; the others are still predicted.
-    Pass ``method`` (from :meth:`Workspace.build_method`) to reuse a loaded model across calls.
+    The workspace and the options are checked, and the model loaded, before this returns; the predictions then
+    come batch by batch. An unreadable file yields an :class:`ImagePrediction` with ``error`` set; the others are
+    still predicted. Pass ``method`` (from :meth:`Workspace.build_method`) to reuse a loaded model across calls.
     """
+    require_single_process("predict")
     workspace = Workspace.open(workspace_path)
-    if not workspace.tasks:
-        raise ClipclError(f"workspace {workspace.path} has learned no task yet: run `clipcl add-task` first")
+    task_names = {task.info.index: task.name for task in learned_tasks(workspace)}
     check_route(workspace, route)
-    if top_k < 1 or batch_size < 1 or workers < 0:
-        raise ClipclError("--top-k and --batch-size must be at least 1 and --workers at least 0")
+    check_loader_options(batch_size, workers)
+    if top_k < 1:
+        raise ClipclError("--top-k must be at least 1")
     accelerator = make_accelerator(precision)
     method = method or workspace.build_method(device=accelerator.device)
-    owners = [(task.info.index, task.name) for task in workspace.tasks for _ in task.info.classes]
-    classes = method.classes
-    k = min(top_k, len(classes))
+    owners = [(task.index, task_names.get(task.index, "")) for task in method.tasks for _ in task.classes]
     loader = DataLoader(_ImageFiles(paths, method.backbone.eval_transform), batch_size=batch_size,
                         num_workers=workers, collate_fn=_as_list)
+    return _predict_batches(method, loader, paths, owners, min(top_k, len(owners)), route, accelerator)
+
+
+def _predict_batches(method: Method, loader: DataLoader, paths: Sequence[Path], owners: list[tuple[int, str]],
+                     k: int, route: int | None, accelerator: Any) -> Iterator[ImagePrediction]:
+    classes = method.classes
     for batch in loader:
         readable = [(i, image) for i, image, _ in batch if image is not None]
         results: dict[int, ImagePrediction] = {

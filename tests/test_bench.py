@@ -8,9 +8,11 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import COLOURS, FAST, draw, invoke, make_task
 
 from clipcl import Workspace
+from clipcl.data import load_image
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -55,17 +57,33 @@ def test_bench_compares_methods_and_writes_json(split: Path, tmp_path: Path, tin
     joint = json.loads(invoke(runner, "eval", "-w", kept / "joint", "--json", "--workers", "0").stdout)
     assert [t["name"] for t in joint["per_task"]] == ["joint"]
     assert rows["joint"]["last"] == pytest.approx(joint["accuracy"])
+    # after task 1, joint answers among task 1's classes only
+    workspace = Workspace.open(kept / "joint")
+    method = workspace.build_method()
+    images, labels = [], []
+    for path, label in workspace.task_json(workspace.tasks[0])["heldout_files"]:
+        if method.classes[label] in ("red", "green"):
+            images.append(method.backbone.eval_transform(load_image(kept / "joint-data" / path)))
+            labels.append(label)
+    columns = [method.classes.index(name) for name in ("green", "red")]
+    probs = method.predict_proba(torch.stack(images))[:, columns]
+    hits = [columns[i] == label for i, label in zip(probs.argmax(dim=1).tolist(), labels, strict=True)]
+    assert rows["joint"]["matrix"][0][0] == pytest.approx(sum(hits) / len(hits))
 
 
 def test_bench_runs_dma_through_the_same_engine(split: Path, tmp_path: Path, tiny_config: Path,
                                                tiny_weights: Path, runner) -> None:
     out = tmp_path / "dma.json"
+    kept = tmp_path / "kept"
     result = invoke(runner, "bench", split, "--methods", "dma", "--model", tiny_config, "--pretrained",
-                    tiny_weights, "--epochs", "1", "--batch-size", "8", "--workers", "0", "--tasks", "1",
-                    "--out", out)
+                    tiny_weights, "--epochs", "1", "--batch-size", "8", "--workers", "0", "--out", out,
+                    "--workspaces", kept)
     assert result.exit_code == 0, result.output
     (row,) = json.loads(out.read_text())["methods"]
-    assert row["method"] == "dma" and len(row["matrix"]) == 1 and row["task_id_accuracy"] == 1.0
+    assert row["method"] == "dma" and len(row["matrix"]) == 2
+    report = json.loads(invoke(runner, "eval", "-w", kept / "dma", "--json", "--batch-size", "8").stdout)
+    assert row["task_id_accuracy"] == pytest.approx(report["task_id_accuracy"])
+    assert row["matrix"][-1] == [t["accuracy"] for t in report["per_task"]]
 
 
 @pytest.mark.parametrize(
@@ -76,6 +94,12 @@ def test_bench_runs_dma_through_the_same_engine(split: Path, tmp_path: Path, tin
         ("no-test", [], "no train/ and test/"),
         ("empty", [], "no task-1"),
         ("none", ["--out", "/nowhere/r.json"], "--out: folder /nowhere does not exist"),
+        ("none", ["--out", "/tmp"], "--out: /tmp is a folder"),
+        ("none", ["--lr", "-1"], "--lr must be positive"),
+        ("twice", [], "are both task 2"),
+        ("zero", [], "numbered from task-1"),
+        ("shared-class", [], "class 'red' is in both task-1 and task-2"),
+        ("none", ["--workspaces", "/etc/passwd"], "exists and is not a folder"),
     ],
 )
 def test_bench_refuses_bad_input_before_training(split: Path, tiny_config: Path, tiny_weights: Path, runner,
@@ -89,6 +113,12 @@ def test_bench_refuses_bad_input_before_training(split: Path, tiny_config: Path,
     elif change == "empty":
         for task in split.iterdir():
             shutil.rmtree(task)
+    elif change == "twice":
+        shutil.copytree(split / "task-2", split / "task-02")
+    elif change == "zero":
+        shutil.copytree(split / "task-2", split / "task-0")
+    elif change == "shared-class":
+        shutil.copytree(split / "task-1" / "train" / "red", split / "task-2" / "train" / "red")
     result = invoke(runner, "bench", split, "--model", tiny_config, "--pretrained", tiny_weights, *args)
     assert result.exit_code == 2, result.output
     assert needle in result.stderr and "Traceback" not in result.output

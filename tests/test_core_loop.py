@@ -126,6 +126,6 @@ def test_old_task_whose_images_are_gone_is_skipped_with_a_warning(workspace: Pat
     shutil.rmtree(first)
     result = invoke(runner, "add-task", "-w", workspace, task_factory("b", ["blue", "yellow"]), *FAST)
     assert result.exit_code == 0, result.output
-    assert "task 1: held-out images not found" in result.stderr
+    assert "task 1: no held-out images found" in result.stderr
     accuracy = json.loads((workspace / "tasks/task-002/task.json").read_text())["accuracy"]
     assert accuracy["per_task"][0] is None and accuracy["per_task"][1] >= 0.8

@@ -102,8 +102,11 @@ def test_predict_with_nothing_to_read_or_nothing_learned_fails_cleanly(trained: 
                                                                        tmp_path: Path, images: Path, runner) -> None:
     result = invoke(runner, "predict", "-w", trained, tmp_path / "nothing-*.png")
     assert result.exit_code == 2 and "no image found" in result.stderr
-    result = invoke(runner, "predict", "-w", workspace, images)
+    result = invoke(runner, "predict", "-w", workspace, images, tmp_path / "absent.png")
     assert result.exit_code == 2 and "learned no task yet" in result.stderr
+    assert "absent.png" not in result.output  # the workspace is checked before any image is reported on
+    result = invoke(runner, "predict", "-w", trained, images, env={"WORLD_SIZE": "2"})
+    assert result.exit_code == 2 and "runs in one process" in result.stderr
 
 
 def test_eval_json_reproduces_what_add_task_stored(trained: Path, runner) -> None:
@@ -147,6 +150,22 @@ def test_eval_table_and_plot(trained: Path, tmp_path: Path, runner) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     missing = invoke(runner, "eval", "-w", trained, "--plot", tmp_path / "no" / "acc.png")
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
+    unknown = invoke(runner, "eval", "-w", trained, "--plot", tmp_path / "acc.xyz")
+    assert unknown.exit_code == 2 and "cannot write .xyz" in unknown.stderr
+
+
+def test_eval_of_a_workspace_with_a_task_added_without_evaluation(workspace: Path, images: Path, tmp_path: Path,
+                                                                  runner) -> None:
+    invoke(runner, "add-task", "-w", workspace, images / "warm", *FAST)
+    invoke(runner, "add-task", "-w", workspace, images / "cool", *FAST, "--no-eval")
+    report = json.loads(invoke(runner, "eval", "-w", workspace, "--json").stdout)
+    first = Workspace.open(workspace).task_json(Workspace.open(workspace).tasks[0])["accuracy"]
+    assert report["matrix"] == [first["per_task"], [None, None]]
+    assert report["avg"] == pytest.approx(first["all"]) and report["last"] is None and report["forgetting"] is None
+    assert report["accuracy"] is not None  # today's evaluation does not depend on the stored rows
+    table = invoke(runner, "eval", "-w", workspace, "--plot", tmp_path / "gap.png", env={"COLUMNS": "160"})
+    assert table.exit_code == 0, table.output
+    assert "Last -" in table.stdout and (tmp_path / "gap.png").stat().st_size > 0
 
 
 def _heldout_images(trained: Path):
@@ -159,23 +178,36 @@ def _heldout_images(trained: Path):
     return method, torch.stack(batches)
 
 
+def _branch_probs(method, images: torch.Tensor) -> list[torch.Tensor]:
+    """Each task's LoRA's softmax over all classes, computed here without dma.predict."""
+    branches = []
+    for task in method.tasks:
+        method.lora.activate(method.adapter_name(task))
+        features = method.backbone.encode_images(images)
+        branches.append((method.backbone.logit_scale() * features @ method.prompts.features(method.tasks).T)
+                        .softmax(-1))
+    return branches
+
+
 def test_route_over_every_task_is_exactly_the_exhaustive_answer(trained: Path) -> None:
     method, images = _heldout_images(trained)
+    weights = method.task_weights(images)
+    expected = torch.cat([weights[:, i : i + 1] * probs[:, task.class_slice]
+                          for i, (task, probs) in enumerate(zip(method.tasks, _branch_probs(method, images),
+                                                                strict=True))], dim=1)
+    expected /= expected.sum(dim=1, keepdim=True)
     exhaustive = method.predict(images)
-    routed = method.predict(images, route=len(method.tasks))
-    assert torch.equal(exhaustive.probs, routed.probs)
+    torch.testing.assert_close(exhaustive.probs, expected)
+    torch.testing.assert_close(exhaustive.task_scores, weights)
+    assert torch.equal(method.predict(images, route=len(method.tasks)).probs, exhaustive.probs)
     assert torch.equal(method.predict(images, route=99).probs, exhaustive.probs)  # K beyond T means every task
 
 
 def test_route_one_runs_one_adapter_per_image_and_keeps_its_task_only(trained: Path, monkeypatch) -> None:
     method, images = _heldout_images(trained)
-    weights = method.task_weights(images)
-    best = weights.argmax(dim=1)
+    best = method.task_weights(images).argmax(dim=1)
     expected = torch.zeros(len(images), len(method.classes))
-    for i, task in enumerate(method.tasks):
-        method.lora.activate(method.adapter_name(task))
-        features = method.backbone.encode_images(images)
-        probs = (method.backbone.logit_scale() * features @ method.prompts.features(method.tasks).T).softmax(-1)
+    for i, (task, probs) in enumerate(zip(method.tasks, _branch_probs(method, images), strict=True)):
         rows = best == i
         expected[rows, task.class_slice] = probs[rows][:, task.class_slice]
     expected /= expected.sum(dim=1, keepdim=True)
@@ -223,4 +255,4 @@ def test_eval_after_held_out_images_are_gone(trained: Path, tmp_path: Path, runn
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["per_task"][0]["accuracy"] is None and report["per_task"][1]["accuracy"] is not None
-    assert "held-out images not found" in result.stderr
+    assert "no held-out images found" in result.stderr

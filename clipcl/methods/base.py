@@ -69,6 +69,7 @@ class Method(nn.Module, ABC):
     default_lr: ClassVar[float] = 1e-3
     summary: ClassVar[str] = ""
     routes_tasks: ClassVar[bool] = False  # True where predict() accepts ``route`` (top-k tasks' modules only)
+    stages: ClassVar[tuple[str, ...]] = ("training",)  # training stages of each task, in order (see begin_stage)
 
     def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
         super().__init__()
@@ -104,6 +105,13 @@ class Method(nn.Module, ABC):
     @abstractmethod
     def begin_task(self, task: TaskInfo) -> None:
         """Prepare to learn ``task`` (new adapters, prompts, ...); it becomes ``self.tasks[-1]``."""
+
+    def begin_stage(self, stage: str) -> None:
+        """Switch to training stage ``stage`` (one of :attr:`stages`); the engine then asks again what trains."""
+
+    def end_stage(self, stage: str, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """After every stage but the last: gather what the next stage needs from the task's training images
+        (eval transform), e.g. class statistics under the encoder the stage just trained."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimiser updates for the current task; everything else is frozen by the engine."""

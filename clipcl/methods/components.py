@@ -19,6 +19,8 @@ from ..errors import ClipclError
 from .base import MethodConfig, TaskInfo, class_means, within_class_scatter
 
 ATTENTION_PROJECTIONS = r".*\.attn\.(q_proj|k_proj|v_proj|out_proj|qkv|proj)"
+LORA_PREFIX = "lora."
+CONTEXT_KEY = "prompt.context"
 
 
 @dataclass
@@ -53,7 +55,7 @@ class ImageLoRA(nn.Module):
         super().__init__()
         linearize_attention(visual)
         self.lora_config = config
-        self._visual = [visual]  # a list, so that the tower stays owned (and registered) by the CLIP model only
+        self._visual = [visual]  # the tower before peft wraps it; peft's wrapper (self.peft) registers it
         self.peft: PeftModel | None = None
         self.names: list[str] = []
 
@@ -76,12 +78,14 @@ class ImageLoRA(nn.Module):
         return [p for n, p in self.peft.named_parameters() if f".{name}." in n and "lora_" in n]
 
     def state(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors, keyed ``lora.<peft key>`` as a task's tensor file stores them."""
         assert self.peft is not None
-        return get_peft_model_state_dict(self.peft, adapter_name=name)
+        return {LORA_PREFIX + k: v for k, v in get_peft_model_state_dict(self.peft, adapter_name=name).items()}
 
-    def load(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        """Load a stored state into adapter ``name``; a state that lacks any of its tensors is refused."""
+    def load(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Load adapter ``name`` from a task's tensors (the ``lora.`` keys); a state lacking any tensor is refused."""
         assert self.peft is not None
+        state = {k[len(LORA_PREFIX):]: v for k, v in tensors.items() if k.startswith(LORA_PREFIX)}
         result = set_peft_model_state_dict(self.peft, state, adapter_name=name)
         missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
         if missing:
@@ -118,10 +122,11 @@ class ClassPrompts(nn.Module):
         self.init_phrase = init_phrase
         self.contexts = nn.ParameterList()
 
-    def add(self, task: TaskInfo, context: torch.Tensor | None = None) -> None:
-        """Add ``task``'s classes, with a stored ``context`` or the initial one."""
+    def add(self, task: TaskInfo, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Add ``task``'s classes, with the context stored in its tensors, or the initial one."""
         if task.index != len(self.contexts) + 1:
             raise ValueError(f"prompts of task {task.index} added out of order")
+        context = None if tensors is None else tensors[CONTEXT_KEY]
         if context is None:
             context = initial_context(self.backbone, len(task.classes), self.n_tokens, self.init_phrase)
         device = self.backbone.token_embedding().weight.device
@@ -133,6 +138,10 @@ class ClassPrompts(nn.Module):
 
     def context(self, task: TaskInfo) -> nn.Parameter:
         return self.contexts[task.index - 1]
+
+    def tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
+        """What a task's tensor file stores of its prompts."""
+        return {CONTEXT_KEY: self.context(task).detach()}
 
     def encode(self, task: TaskInfo) -> torch.Tensor:
         """Text features of ``task``'s classes from the current context (differentiable)."""
@@ -181,6 +190,10 @@ class TaskRouter(nn.Module):
         """Add a task's statistics (the dict :meth:`statistics` made, or its stored copy)."""
         if task.index != self.n_tasks + 1:
             raise ValueError(f"router statistics of task {task.index} added out of order")
+        missing = [key for key in (self.MEANS_KEY, self.SCATTER_KEY, self.COUNT_KEY) if key not in tensors]
+        if missing:
+            raise ValueError(f"task {task.index} lacks the router statistics {', '.join(missing)} (it was stored by "
+                             "an earlier clipcl): re-create the workspace")
         for key in (self.MEANS_KEY, self.SCATTER_KEY, self.COUNT_KEY):
             self.register_buffer(f"{key.split('.')[-1]}_{task.index}", tensors[key].to(device), persistent=False)
         self.n_tasks += 1
@@ -238,3 +251,64 @@ class TaskRouter(nn.Module):
     def weights(self, features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
         """``[batch, tasks]`` softmax of :meth:`task_scores`: how strongly each image belongs to each task."""
         return self.task_scores(features, logit_scale).softmax(dim=1)
+
+
+SHARED_CONTEXT_KEY = "prompt.shared"
+TASK_CONTEXT_KEY = "prompt.task"
+
+
+class SharedPrompt(nn.Module):
+    """One learnable context shared by every class (CoOp), optionally preceded by ``task_tokens`` tokens of the
+    class's own task: ``[task tokens] [shared context] <class name>.``
+
+    The shared context starts from the embedding of ``init_phrase`` (so it reads "a photo of a" right before the
+    class name); task tokens start as N(0, 0.02). A task stores the shared context as it stood after that task and
+    its own task tokens; restoring tasks in order leaves the newest shared context in place.
+    """
+
+    def __init__(self, backbone: Backbone, n_tokens: int, init_phrase: str, task_tokens: int = 0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.n_task_tokens = task_tokens
+        device = backbone.token_embedding().weight.device
+        self.shared = nn.Parameter(initial_context(backbone, 1, n_tokens, init_phrase)[0].to(device))
+        self.task_contexts = nn.ParameterList()
+        self.tasks: list[TaskInfo] = []
+
+    def add(self, task: TaskInfo, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Add ``task``'s classes; with stored ``tensors``, also take the shared context and task tokens stored."""
+        if task.index != len(self.tasks) + 1:
+            raise ValueError(f"prompts of task {task.index} added out of order")
+        device = self.shared.device
+        width = self.shared.shape[-1]
+        if tensors is not None:
+            with torch.no_grad():
+                self.shared.copy_(tensors[SHARED_CONTEXT_KEY].to(device))
+            task_context = tensors[TASK_CONTEXT_KEY] if self.n_task_tokens else torch.zeros(0, width)
+        else:
+            task_context = torch.randn(self.n_task_tokens, width) * 0.02  # the engine seeds the generator
+        self.task_contexts.append(nn.Parameter(task_context.to(device)))
+        n_context = self.n_task_tokens + self.shared.shape[0]
+        tokens = context_tokens(self.backbone, list(task.classes), n_context).to(device)
+        self.register_buffer(f"tokens_{task.index}", tokens, persistent=False)
+        self.tasks.append(task)
+
+    def task_context(self, task: TaskInfo) -> nn.Parameter:
+        return self.task_contexts[task.index - 1]
+
+    def encode(self, tasks: list[TaskInfo] | None = None) -> torch.Tensor:
+        """Text features of every class of ``tasks`` (default: all) from the current contexts (differentiable)."""
+        tasks = self.tasks if tasks is None else tasks
+        tokens = torch.cat([getattr(self, f"tokens_{task.index}") for task in tasks])
+        contexts = torch.cat([
+            torch.cat([self.task_context(task), self.shared]).unsqueeze(0).expand(len(task.classes), -1, -1)
+            for task in tasks
+        ])
+        return encode_text_with_context(self.backbone, tokens, contexts)
+
+    def tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
+        """What a task's tensor file stores of the prompts: the shared context now, and the task's own tokens."""
+        stored = {SHARED_CONTEXT_KEY: self.shared.detach()}
+        if self.n_task_tokens:
+            stored[TASK_CONTEXT_KEY] = self.task_context(task).detach()
+        return stored

@@ -23,8 +23,6 @@ from ..backbone import Backbone
 from .base import Method, TaskInfo, register_method
 from .components import ClassPrompts, ImageLoRA, LoraPromptConfig
 
-LORA_PREFIX = "lora."
-CONTEXT_KEY = "prompt.context"
 SHARED_ADAPTER = "shared"
 
 
@@ -54,9 +52,8 @@ class Finetune(Method):
 
     def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
         self._start(task)
-        self.lora.load(SHARED_ADAPTER,
-                       {k[len(LORA_PREFIX):]: v for k, v in tensors.items() if k.startswith(LORA_PREFIX)})
-        self.prompts.add(task, tensors[CONTEXT_KEY])
+        self.lora.load(SHARED_ADAPTER, tensors)
+        self.prompts.add(task, tensors)
 
     def begin_task(self, task: TaskInfo) -> None:
         self._start(task)
@@ -76,8 +73,7 @@ class Finetune(Method):
     def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
         if task != self.tasks[-1]:
             raise ValueError("finetune stores the shared LoRA of the newest task only")
-        lora = self.lora.state(SHARED_ADAPTER)
-        return {**{LORA_PREFIX + k: v for k, v in lora.items()}, CONTEXT_KEY: self.prompts.context(task).detach()}
+        return {**self.lora.state(SHARED_ADAPTER), **self.prompts.tensors(task)}
 
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,187 @@
+"""Class-wise Gaussian statistics of image features: estimation, storage, sampling, and optimal-transport calibration.
+
+Used by ``dmc`` and ``dmc-ot`` (../shared/METHODS.md §4) to replay old classes without keeping their images: each
+class is summarised by the mean and covariance of its image features (full, shrunk toward a scaled identity, or
+diagonal), and stage 2 of every later task draws features of the old classes from ``N(mean, covariance)``.
+
+When the image encoder keeps learning, old statistics describe an encoder that no longer exists. ``calibrate``
+moves them the way the encoder moved: the current task's images, encoded before and after the update, give paired
+drift vectors; for each old class, samples of its Gaussian are matched to the old-encoder features by an entropic
+optimal-transport plan (POT's Sinkhorn), each sample moves by the plan-weighted drift of the features it is matched
+with, and the class's mean and covariance are re-estimated from the moved samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import ot
+import torch
+from torch import nn
+
+from ..errors import ClipclError
+
+COVARIANCE_KINDS = ("full", "diag")
+STATS_MEAN_KEY = "stats.mean"
+STATS_COV_KEY = "stats.cov"
+STATS_CLASSES_KEY = "stats.classes"
+
+
+def shrink(covariance: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """``(1 - a) * covariance + a * (trace / D) * I``: invertible, and better conditioned than the sample estimate."""
+    dim = covariance.shape[-1]
+    target = torch.eye(dim, dtype=covariance.dtype, device=covariance.device) * covariance.trace() / dim
+    return (1 - shrinkage) * covariance + shrinkage * target
+
+
+@dataclass
+class ClassGaussian:
+    """One class's statistics: ``mean`` ``[D]``; ``cov`` ``[D, D]`` (full) or ``[D]`` (diagonal variances)."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    _factor: torch.Tensor | None = None  # the covariance's Cholesky factor, computed on the first draw
+
+    @property
+    def diagonal(self) -> bool:
+        return self.cov.dim() == 1
+
+    def covariance(self) -> torch.Tensor:
+        """The full ``[D, D]`` matrix, whatever is stored."""
+        return torch.diag(self.cov) if self.diagonal else self.cov
+
+    def factor(self) -> torch.Tensor:
+        """``L`` with ``L @ L.T = cov`` (float64), or the standard deviations for a diagonal covariance."""
+        if self._factor is None:
+            cov = self.cov.double()
+            self._factor = cov.clamp_min(0).sqrt() if self.diagonal else _cholesky(cov)
+        return self._factor
+
+
+def estimate(features: torch.Tensor, kind: str = "full", shrinkage: float = 0.1) -> ClassGaussian:
+    """The mean and (shrunk full, or diagonal) covariance of one class's features ``[N, D]``."""
+    if kind not in COVARIANCE_KINDS:
+        raise ClipclError(f"covariance must be one of {', '.join(COVARIANCE_KINDS)}, got {kind!r}")
+    x = features.double()
+    mean = x.mean(dim=0)
+    centred = x - mean
+    denominator = max(len(x) - 1, 1)
+    if kind == "diag":
+        return ClassGaussian(mean.float(), (centred.pow(2).sum(dim=0) / denominator).float())
+    return ClassGaussian(mean.float(), shrink(centred.T @ centred / denominator, shrinkage).float())
+
+
+def sample(gaussian: ClassGaussian, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` draws ``[n, D]`` of ``N(mean, cov)`` (float32, on the statistics' device)."""
+    mean = gaussian.mean.double()
+    noise = torch.randn(n, mean.shape[0], dtype=torch.float64, generator=generator).to(mean.device)
+    spread = noise * gaussian.factor() if gaussian.diagonal else noise @ gaussian.factor().T
+    return (mean + spread).float()
+
+
+def _cholesky(covariance: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor, with a growing diagonal jitter for a matrix that rounding left not quite positive definite."""
+    jitter = 0.0
+    scale = float(covariance.diagonal().mean().clamp_min(1e-12))
+    for _ in range(6):
+        factor, info = torch.linalg.cholesky_ex(covariance + jitter * torch.eye(len(covariance), dtype=covariance.dtype,
+                                                                                device=covariance.device))
+        if int(info) == 0:
+            return factor
+        jitter = scale * 1e-6 if jitter == 0 else jitter * 10
+    raise ValueError("a stored class covariance is not positive definite")
+
+
+def transport_plan(source: torch.Tensor, target: torch.Tensor, reg: float = 0.05,
+                   relaxation: float = math.inf) -> torch.Tensor:
+    """Entropic OT plan ``[S, N]`` from uniform weights on ``source`` ``[S, D]`` to uniform weights on ``target``
+    ``[N, D]`` under the squared Euclidean cost (scaled to a maximum of 1, so ``reg`` means the same at any scale).
+
+    ``relaxation`` = inf is the balanced plan (``ot.sinkhorn``): both marginals are exact. A finite value keeps the
+    source marginal exact and lets the target marginal deviate at that KL cost (``ot.sinkhorn_unbalanced``,
+    semi-relaxed): each source point then goes to the targets near it, instead of spreading over all of them.
+    """
+    source64, target64 = source.double().cpu(), target.double().cpu()
+    cost = torch.cdist(source64, target64).pow(2)
+    cost = cost / cost.max().clamp_min(1e-12)
+    a = torch.full((len(source64),), 1.0 / len(source64), dtype=torch.float64)
+    b = torch.full((len(target64),), 1.0 / len(target64), dtype=torch.float64)
+    if math.isinf(relaxation):
+        return ot.sinkhorn(a, b, cost, reg, numItermax=2000, stopThr=1e-9)
+    return ot.unbalanced.sinkhorn_unbalanced(a, b, cost, reg, reg_m=(math.inf, relaxation), numItermax=2000,
+                                             stopThr=1e-9)
+
+
+def calibrate(gaussian: ClassGaussian, old_features: torch.Tensor, drift: torch.Tensor, n_samples: int = 256,
+              reg: float = 0.05, relaxation: float = 0.1, shrinkage: float = 0.1,
+              generator: torch.Generator | None = None) -> ClassGaussian:
+    """Move a class's statistics by the encoder's drift, as seen on paired (old feature, drift) vectors.
+
+    Samples of the class are matched to ``old_features`` by :func:`transport_plan` and each moves by the
+    plan-weighted drift of its matches. ``relaxation`` is the plan's: balanced OT (inf) has to spread every class's
+    samples over all of the task's features, so every class would move by nearly the average drift; the default
+    semi-relaxed plan lets them follow the drift around them.
+
+    The new mean and covariance are the stored ones plus the change the drift makes to the samples' mean and
+    covariance (the same samples before and after moving, so sampling noise cancels): with no drift, the statistics
+    come back unchanged.
+    """
+    samples = sample(gaussian, n_samples, generator).double()
+    plan = transport_plan(samples, old_features, reg, relaxation)
+    weights = plan / plan.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    moved = samples + weights.to(samples.device) @ drift.double().to(samples.device)
+    mean = gaussian.mean.double() + (moved.mean(dim=0) - samples.mean(dim=0))
+    if gaussian.diagonal:
+        cov = gaussian.cov.double() + moved.var(dim=0) - samples.var(dim=0)
+        return ClassGaussian(mean.float(), cov.clamp_min(0).float())
+    change = torch.cov(moved.T) - torch.cov(samples.T)
+    covariance = gaussian.cov.double() + change
+    eigenvalues, vectors = torch.linalg.eigh((covariance + covariance.T) / 2)
+    if float(eigenvalues.min()) < 0:  # a large drift can leave the sum not quite positive semi-definite
+        covariance = shrink(vectors @ torch.diag(eigenvalues.clamp_min(0)) @ vectors.T, shrinkage)
+    return ClassGaussian(mean.float(), covariance.float())
+
+
+class GaussianBank(nn.Module):
+    """The statistics of every class seen so far, by global class index, stored as fp16 safetensors per task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classes: dict[int, ClassGaussian] = {}
+
+    def set(self, index: int, gaussian: ClassGaussian) -> None:
+        self.classes[index] = gaussian
+
+    def tensors(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The statistics of ``indices`` as a task's tensor file stores them (half precision)."""
+        return {
+            STATS_CLASSES_KEY: torch.tensor(indices, dtype=torch.int64),
+            STATS_MEAN_KEY: torch.stack([self.classes[i].mean for i in indices]).half(),
+            STATS_COV_KEY: torch.stack([self.classes[i].cov for i in indices]).half(),
+        }
+
+    def load(self, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Set the classes a task's tensor file holds (a later task's copy replaces an earlier one)."""
+        for row, index in enumerate(tensors[STATS_CLASSES_KEY].tolist()):
+            self.classes[int(index)] = ClassGaussian(tensors[STATS_MEAN_KEY][row].float().to(device),
+                                                     tensors[STATS_COV_KEY][row].float().to(device))
+
+    @staticmethod
+    def bytes_per_class(tensors: dict[str, torch.Tensor]) -> int:
+        """Stored bytes of one class's mean and covariance."""
+        count = len(tensors[STATS_CLASSES_KEY])
+        size = sum(t.numel() * t.element_size() for k, t in tensors.items() if k in (STATS_MEAN_KEY, STATS_COV_KEY))
+        return size // max(count, 1)
+
+    def draw(self, indices: torch.Tensor) -> torch.Tensor:
+        """One sample ``[len(indices), D]`` of the class named at each position of ``indices`` (a replay batch)."""
+        drawn: torch.Tensor | None = None
+        for index in torch.unique(indices).tolist():
+            rows = (indices == index).nonzero().squeeze(1)
+            samples = sample(self.classes[index], len(rows))
+            if drawn is None:
+                drawn = torch.empty(len(indices), samples.shape[1], device=samples.device)
+            drawn[rows.to(samples.device)] = samples
+        assert drawn is not None
+        return drawn

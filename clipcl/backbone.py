@@ -146,6 +146,10 @@ class LinearAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=source.out_proj.bias is not None)
         self.out_proj.to(device=source.out_proj.weight.device, dtype=source.out_proj.weight.dtype)
         self.out_proj.load_state_dict(source.out_proj.state_dict())
+        # deep visual prompts in positions 1..prompt_tokens of the sequence (see attach_deep_prompts); a plain
+        # callable, not a module, so the prompts' gate stays owned by the method that trains it
+        self.prompt_tokens = 0
+        self.prompt_gate: Callable[[], torch.Tensor] | None = None
 
     def forward(
         self,
@@ -172,11 +176,72 @@ class LinearAttention(nn.Module):
         elif attn_mask is not None:
             attn_mask = ~attn_mask  # nn.MultiheadAttention masks True positions; SDPA keeps them
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        if self.prompt_tokens and self.prompt_gate is not None:
+            out = self._gated_prompt_attention(q, k, v, attn_mask, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         out = self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, None
+
+
+    def _gated_prompt_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                attn_mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
+        """Attention over the sequence's own tokens, plus ``gate`` times attention over the prompt tokens.
+
+        With the gate at zero every token attends exactly as in the frozen model; the prompts' influence grows as
+        the gate learns (zero-initialised gating, as in LLaMA-Adapter), instead of jumping in at initialisation.
+        """
+        if attn_mask is not None:
+            raise ModelError("deep visual prompts do not support an attention mask in the image tower")
+        n = self.prompt_tokens
+        own = torch.cat([torch.arange(1), torch.arange(n + 1, k.shape[2])]).to(k.device)
+        out = F.scaled_dot_product_attention(q, k[:, :, own], v[:, :, own], dropout_p=dropout)
+        prompted = F.scaled_dot_product_attention(q, k[:, :, 1 : n + 1], v[:, :, 1 : n + 1], dropout_p=dropout)
+        return out + self.prompt_gate().to(out.dtype) * prompted
+
+
+def vision_blocks(visual: nn.Module, model_name: str) -> tuple[nn.ModuleList, bool]:
+    """The residual blocks of open_clip's ViT image tower and whether it runs batch-first; a clear error for a
+    tower that is not a transformer (ModifiedResNet, timm towers)."""
+    transformer = getattr(visual, "transformer", None)
+    blocks = getattr(transformer, "resblocks", None)
+    if not isinstance(blocks, nn.ModuleList) or not hasattr(visual, "class_embedding"):
+        raise ModelError(f"{model_name} has no open_clip vision transformer ({type(visual).__name__}): "
+                         "deep visual prompts need a ViT image tower")
+    return blocks, bool(getattr(transformer, "batch_first", True))
+
+
+def attach_deep_prompts(visual: nn.Module, model_name: str, tokens: nn.Parameter, gates: nn.Parameter) -> None:
+    """VPT-deep around open_clip's ViT: block i gets ``tokens[i]`` (``[n, width]``) inserted right after the class
+    token at its input and dropped again at its output, so every block sees fresh prompts and the pooled output
+    keeps its shape. Attention to the prompts is scaled by ``tanh(gates[i])`` (see :class:`LinearAttention`)."""
+    blocks, batch_first = vision_blocks(visual, model_name)
+    linearize_attention(visual)
+    n = tokens.shape[1]
+    seq_dim = 1 if batch_first else 0
+
+    for i, block in enumerate(blocks):
+        block.attn.prompt_tokens = n
+        block.attn.prompt_gate = (lambda i=i: torch.tanh(gates[i]))
+
+        def insert(_module: nn.Module, args: tuple, kwargs: dict, i: int = i) -> tuple[tuple, dict]:
+            x = args[0] if args else kwargs.pop("q_x")
+            prompt = tokens[i].to(x.dtype)
+            if batch_first:
+                prompt = prompt.unsqueeze(0).expand(x.shape[0], -1, -1)
+            else:
+                prompt = prompt.unsqueeze(1).expand(-1, x.shape[1], -1)
+            x = torch.cat([x.narrow(seq_dim, 0, 1), prompt, x.narrow(seq_dim, 1, x.shape[seq_dim] - 1)], dim=seq_dim)
+            return (x, *args[1:]), kwargs
+
+        def drop(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+            rest = output.shape[seq_dim] - n - 1
+            return torch.cat([output.narrow(seq_dim, 0, 1), output.narrow(seq_dim, n + 1, rest)], dim=seq_dim)
+
+        block.register_forward_pre_hook(insert, with_kwargs=True)
+        block.register_forward_hook(drop)
 
 
 def linearize_attention(module: nn.Module) -> int:

@@ -1,0 +1,226 @@
+"""``tppt-v`` and ``tppt-vt``: textual prototypes guiding visual prompt tuning (Lu et al., TMLR 2025);
+../shared/METHODS.md §3.
+
+One set of deep visual prompts (VPT-deep: ``prompt_tokens`` learnable tokens entering every block of the image
+encoder, :func:`clipcl.backbone.attach_deep_prompts`) is tuned across all tasks, guided by the classes' text
+embeddings as anchors. The loss is bidirectional: cross-entropy of each image against the anchors of every class
+seen so far, plus ``contrastive_weight`` times a text-to-image supervised contrastive term (each anchor of a class in
+the batch pulls that class's images against the batch's other images).
+
+``tppt-v`` keeps the anchors fixed: the frozen text encoder's embedding of ``template``. ``tppt-vt`` also learns a
+context shared by all classes (starting from "a photo of a", so the first anchors equal tppt-v's) and adds the
+relational diversity regulariser: ``diversity_weight`` times the mean over class pairs of
+``max(0, cos(t_i, t_j) - cos(t0_i, t0_j))^2``, so no two anchors grow closer than the pre-trained space put them.
+
+Prompt attention is gated per block by ``tanh(gate)``, gates starting at zero: before training the model computes
+exactly what the frozen CLIP computes. Inference is one pass. Each task stores the prompts as they stood after it,
+and ``task_metadata`` records how far the task moved them, so ``clipcl tasks`` shows what each task changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import Backbone, attach_deep_prompts, vision_blocks
+from ..errors import ClipclError
+from .base import Method, MethodConfig, TaskInfo, register_method
+from .components import SharedPrompt
+
+TOKENS_KEY = "vpt.tokens"
+GATES_KEY = "vpt.gates"
+
+
+@dataclass
+class TPPTConfig(MethodConfig):
+    """tppt-v's options: the visual prompts and the weight of the text-to-image term."""
+
+    prompt_tokens: int = field(default=8, metadata={"help": "visual prompt tokens per image-encoder block"})
+    contrastive_weight: float = field(default=0.5, metadata={"help": "weight of the text-to-image contrastive term"})
+    template: str = field(default="a photo of a {}.", metadata={"help": "text of the anchors; {} is the class"})
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.prompt_tokens <= 64 or self.contrastive_weight < 0:
+            raise ClipclError("tppt needs 1 <= prompt_tokens <= 64 and contrastive_weight >= 0")
+        if "{}" not in self.template:
+            raise ClipclError("tppt's template needs a {} where the class name goes")
+
+
+@dataclass
+class TPPTVTConfig(TPPTConfig):
+    """tppt-vt's options: tppt-v's, the shared text context, and the diversity regulariser."""
+
+    context_tokens: int = field(default=4, metadata={"help": "learnable text context tokens shared by all classes"})
+    context_init: str = field(default="a photo of a", metadata={"help": "phrase whose embedding starts the context"})
+    diversity_weight: float = field(default=1.0, metadata={"help": "weight of the relational diversity term"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.context_tokens <= 32 or self.diversity_weight < 0:
+            raise ClipclError("tppt-vt needs 1 <= context_tokens <= 32 and diversity_weight >= 0")
+
+
+class DeepVisualPrompts(nn.Module):
+    """``[blocks, n, width]`` prompt tokens and one gate per block, attached to a ViT image tower."""
+
+    def __init__(self, backbone: Backbone, n_tokens: int) -> None:
+        super().__init__()
+        visual = backbone.model.visual
+        blocks, _ = vision_blocks(visual, backbone.spec.name)
+        width = blocks[0].ln_1.normalized_shape[0]
+        device = next(visual.parameters()).device
+        self.tokens = nn.Parameter(torch.randn(len(blocks), n_tokens, width, device=device) * 0.02)
+        self.gates = nn.Parameter(torch.zeros(len(blocks), device=device))
+        attach_deep_prompts(visual, backbone.spec.name, self.tokens, self.gates)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {TOKENS_KEY: self.tokens.detach().clone(), GATES_KEY: self.gates.detach().clone()}
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors[TOKENS_KEY].shape != self.tokens.shape:
+            raise ValueError(f"stored visual prompts have shape {tuple(tensors[TOKENS_KEY].shape)}, "
+                             f"this model needs {tuple(self.tokens.shape)}")
+        self.tokens.copy_(tensors[TOKENS_KEY])
+        self.gates.copy_(tensors[GATES_KEY])
+
+
+def text_to_image_contrastive(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
+                              scale: torch.Tensor) -> torch.Tensor:
+    """For each class in the batch, its anchor against the batch's images: the mean negative log-probability of
+    that class's own images (supervised contrastive, text to image)."""
+    present = torch.unique(labels)
+    logits = scale * text_features[present] @ image_features.T  # [classes in batch, images]
+    log_probs = logits.float().log_softmax(dim=1)
+    positives = (labels.unsqueeze(0) == present.unsqueeze(1)).float()
+    return -((log_probs * positives).sum(dim=1) / positives.sum(dim=1)).mean()
+
+
+def relational_diversity(anchors: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+    """Mean over class pairs of ``max(0, cos(t_i, t_j) - cos(t0_i, t0_j))^2``: zero while no two anchors are
+    closer than they were in the pre-trained space."""
+    n = len(anchors)
+    if n < 2:
+        return anchors.new_zeros(())
+    now = F.normalize(anchors.float(), dim=-1)
+    before = F.normalize(initial.float(), dim=-1)
+    pairs = torch.triu_indices(n, n, offset=1, device=anchors.device)
+    closer = (now @ now.T - before @ before.T)[pairs[0], pairs[1]]
+    return F.relu(closer).pow(2).mean()
+
+
+@register_method
+class TPPTV(Method):
+    name = "tppt-v"
+    config_class = TPPTConfig
+    default_epochs = 5
+    default_lr = 1e-3
+    summary = "deep visual prompts guided by frozen class-text anchors (bidirectional loss), one prompt set"
+
+    config: TPPTConfig
+
+    def __init__(self, backbone: Backbone, config: TPPTConfig) -> None:
+        super().__init__(backbone, config)
+        self.visual_prompts = DeepVisualPrompts(backbone, config.prompt_tokens)
+        self.start: dict[str, torch.Tensor] = {}  # the prompts before the current task, to measure its change
+        self.text_features: torch.Tensor | None = None  # every class's anchors for inference; reset on change
+
+    def _anchors(self, task: TaskInfo) -> torch.Tensor:
+        return getattr(self, f"anchors_{task.index}")
+
+    def _add(self, task: TaskInfo) -> None:
+        self.tasks.append(task)
+        self.text_features = None
+        anchors = self.backbone.encode_texts([self.config.template.format(c) for c in task.classes])
+        self.register_buffer(f"anchors_{task.index}", anchors, persistent=False)
+
+    def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
+        self._add(task)
+        self.visual_prompts.load(tensors)
+
+    def begin_task(self, task: TaskInfo) -> None:
+        self._add(task)
+        self.start = self.visual_prompts.tensors()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.visual_prompts.tokens, self.visual_prompts.gates]
+
+    def class_text(self) -> torch.Tensor:
+        """The text side of every class seen so far (fixed anchors here; learned prompts in tppt-vt)."""
+        return torch.cat([self._anchors(t) for t in self.tasks])
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        scale = self.backbone.logit_scale()
+        image_features = self.backbone.encode_images(images)
+        text = self.class_text()
+        loss = F.cross_entropy(scale * image_features @ text.T, labels)
+        loss = loss + self.config.contrastive_weight * text_to_image_contrastive(image_features, text, labels, scale)
+        return loss + self.regulariser(text)
+
+    def regulariser(self, text: torch.Tensor) -> torch.Tensor | float:
+        """An extra loss term on the classes' text side (tppt-vt's diversity); none for tppt-v."""
+        return 0.0
+
+    def end_task(self, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.text_features = None
+
+    def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
+        if task != self.tasks[-1]:
+            raise ValueError(f"{self.name} stores the prompts of the newest task only")
+        return self.visual_prompts.tensors()
+
+    def task_metadata(self, task: TaskInfo) -> dict[str, Any]:
+        now = self.visual_prompts.tensors()
+        if not self.start:
+            return {}
+        change = (now[TOKENS_KEY] - self.start[TOKENS_KEY]).norm() / self.start[TOKENS_KEY].norm().clamp_min(1e-12)
+        return {"prompt_change": round(float(change), 4),
+                "mean_gate": round(float(torch.tanh(now[GATES_KEY]).abs().mean()), 4)}
+
+    @torch.no_grad()
+    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+        if self.text_features is None:
+            self.text_features = self.class_text().float()
+        image_features = self.backbone.encode_images(images)
+        logits = self.backbone.logit_scale() * image_features @ self.text_features.to(image_features.dtype).T
+        return logits.float().softmax(dim=-1)
+
+
+@register_method
+class TPPTVT(TPPTV):
+    name = "tppt-vt"
+    config_class = TPPTVTConfig
+    summary = "tppt-v + a learned shared text context with a relational diversity regulariser"
+
+    config: TPPTVTConfig
+
+    def __init__(self, backbone: Backbone, config: TPPTVTConfig) -> None:
+        super().__init__(backbone, config)
+        self.text_prompt = SharedPrompt(backbone, config.context_tokens, config.context_init)
+
+    def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
+        super().restore_task(task, tensors)
+        self.text_prompt.add(task, tensors)
+
+    def begin_task(self, task: TaskInfo) -> None:
+        super().begin_task(task)
+        self.text_prompt.add(task)
+        self.start.update(self.text_prompt.tensors(task))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*super().trainable_parameters(), self.text_prompt.shared]
+
+    def class_text(self) -> torch.Tensor:
+        return self.text_prompt.encode()
+
+    def regulariser(self, text: torch.Tensor) -> torch.Tensor | float:
+        initial = torch.cat([self._anchors(t) for t in self.tasks])
+        return self.config.diversity_weight * relational_diversity(text, initial)
+
+    def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
+        return {**super().task_tensors(task), **self.text_prompt.tensors(task)}

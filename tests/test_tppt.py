@@ -1,0 +1,105 @@
+"""tppt-v and tppt-vt: deep visual prompts that start as a no-op, the diversity term, and both methods learning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, TINY_CONFIG, invoke, make_task
+
+from clipcl import Workspace
+from clipcl.backbone import load_backbone, resolve_model_spec
+from clipcl.errors import ModelError
+from clipcl.methods import build_config, get_method_class
+from clipcl.methods.tppt import relational_diversity, text_to_image_contrastive
+
+
+def _method(name: str, tiny_config: Path, tiny_weights: Path):
+    spec = resolve_model_spec(str(tiny_config), str(tiny_weights))
+    backbone = load_backbone(spec, tiny_config.parent)
+    method_class = get_method_class(name)
+    return method_class(backbone, build_config(method_class))
+
+
+@pytest.mark.parametrize("name", ["tppt-v", "tppt-vt"])
+def test_prompts_at_their_initial_value_compute_the_frozen_model(name: str, tiny_config: Path, tiny_weights: Path,
+                                                                 tmp_path: Path) -> None:
+    from clipcl.methods import TaskInfo
+
+    method = _method(name, tiny_config, tiny_weights)
+    frozen = load_backbone(resolve_model_spec(str(tiny_config), str(tiny_weights)), tiny_config.parent)
+    images = torch.rand(6, 3, 32, 32)
+    torch.testing.assert_close(method.backbone.encode_images(images), frozen.encode_images(images),
+                               rtol=1e-5, atol=1e-6)
+    task = TaskInfo(1, ("red", "green", "blue"), 0)
+    method.begin_task(task)
+    text = frozen.encode_texts([f"a photo of a {c}." for c in task.classes])
+    expected = (frozen.logit_scale() * frozen.encode_images(images) @ text.T).softmax(dim=-1)
+    torch.testing.assert_close(method.predict_proba(images), expected, rtol=1e-5, atol=1e-6)
+    # and the prompts are really in the computation once their gates open
+    with torch.no_grad():
+        method.visual_prompts.gates.fill_(1.0)
+    method.text_features = None
+    assert not torch.allclose(method.backbone.encode_images(images), frozen.encode_images(images), atol=1e-4)
+
+
+def test_relational_diversity_is_zero_until_anchors_grow_closer() -> None:
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    initial = rotation[:5]  # five orthonormal anchors: every pair at cosine 0
+    assert float(relational_diversity(initial, initial)) == 0.0
+    spread = initial.clone()
+    spread[1] = -initial[0]  # cosine -1 with anchor 0, still 0 with the others: farther apart is allowed
+    assert float(relational_diversity(spread, initial)) == pytest.approx(0.0, abs=1e-10)
+    collapsed = initial.clone()
+    collapsed[1] = initial[0]  # anchors 0 and 1 on top of each other: cosine 1 instead of 0
+    assert float(relational_diversity(collapsed, initial)) == pytest.approx(1.0 / 10, rel=1e-5)  # 1 pair of 10
+
+
+def test_text_to_image_term_prefers_images_of_the_anchor_class() -> None:
+    text = torch.eye(3)
+    labels = torch.tensor([0, 0, 1, 2])
+    matched = torch.nn.functional.one_hot(labels, 3).float()
+    shuffled = matched[[2, 3, 0, 1]]
+    scale = torch.tensor(10.0)
+    assert text_to_image_contrastive(matched, text, labels, scale) < text_to_image_contrastive(shuffled, text,
+                                                                                            labels, scale)
+
+
+def test_a_model_without_a_vision_transformer_is_refused(tmp_path: Path) -> None:
+    import open_clip
+    from safetensors.torch import save_file
+
+    config = {**TINY_CONFIG, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16}}
+    path = tmp_path / "TinyResNetCLIP.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    model = open_clip.create_model("TinyResNetCLIP")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
+    with pytest.raises(ModelError, match="deep visual prompts need a ViT image tower"):
+        _method("tppt-v", path, tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize("name", ["tppt-v", "tppt-vt"])
+def test_tppt_learns_and_keeps_old_tasks(name: str, tmp_path: Path, tiny_config: Path, tiny_weights: Path,
+                                         runner) -> None:
+    ws = tmp_path / name
+    invoke(runner, "init", "-w", ws, "--model", tiny_config, "--pretrained", tiny_weights, "--method", name)
+    data = tmp_path / "data"
+    first = invoke(runner, "add-task", "-w", ws, make_task(data / "a", ["red", "green"]), *FAST)
+    assert first.exit_code == 0, first.output
+    stored = (ws / "tasks/task-001/tensors.safetensors").read_bytes()
+    second = invoke(runner, "add-task", "-w", ws, make_task(data / "b", ["blue", "yellow"]), *FAST)
+    assert second.exit_code == 0, second.output
+    assert (ws / "tasks/task-001/tensors.safetensors").read_bytes() == stored
+    workspace = Workspace.open(ws)
+    details = [workspace.task_json(t) for t in workspace.tasks]
+    assert details[0]["accuracy"]["task"] >= 0.8
+    assert details[1]["accuracy"]["per_task"][1] >= 0.8 and details[1]["accuracy"]["per_task"][0] >= 0.5
+    assert details[1]["method"]["prompt_change"] > 0  # what task 2 changed in the one prompt set
+    one, two = (workspace.task_tensors(t) for t in workspace.tasks)
+    assert not torch.equal(one["vpt.tokens"], two["vpt.tokens"])
+    assert ("prompt.shared" in two) == (name == "tppt-vt")
+    table = invoke(runner, "tasks", "-w", ws, env={"COLUMNS": "220"})
+    assert "prompt change" in table.stdout

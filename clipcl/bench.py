@@ -53,6 +53,7 @@ class BenchSettings:
     """Training settings shared by every method of a run; ``epochs=None`` means each method's default."""
 
     epochs: int | None = None
+    epochs_stage2: int | None = None
     batch_size: int = 32
     lr: float | None = None
     seed: int = 0
@@ -127,10 +128,12 @@ def split_tasks(split_dir: Path | str, max_tasks: int | None = None) -> list[Pat
 
 
 def _options(settings: BenchSettings, method: str, name: str, evaluate: bool = True) -> TrainOptions:
-    trains = get_method_class(method).default_epochs > 0
+    method_class = get_method_class(method)
+    trains = method_class.default_epochs > 0
+    two_stages = len(method_class.stages) > 1
     return TrainOptions(name=name, epochs=settings.epochs if trains else None, batch_size=settings.batch_size,
                         lr=settings.lr, seed=settings.seed, precision=settings.precision, workers=settings.workers,
-                        evaluate=evaluate)
+                        evaluate=evaluate, epochs_stage2=settings.epochs_stage2 if two_stages else None)
 
 
 def run_incremental(method: str, tasks: Sequence[Path], workspace_dir: Path, model: str, pretrained: str | None,
@@ -248,8 +251,8 @@ def run_benchmark(split_dir: Path | str, methods: Sequence[str], model: str, pre
     for name in methods:
         if name != JOINT:
             get_method_class(name)
-    TrainOptions(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-                 workers=settings.workers).check()
+    TrainOptions(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, workers=settings.workers,
+                 epochs_stage2=settings.epochs_stage2).check()
     make_accelerator(settings.precision)
     out_path = check_output_file(out) if out is not None else None
     tasks = split_tasks(split_dir, settings.max_tasks)

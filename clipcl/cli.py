@@ -432,6 +432,9 @@ def bench(
     pretrained: Annotated[str | None, typer.Option(help="Pretrained tag or weights file.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs per task for the methods that train (default: each "
                                                     "method's).", min=0)] = None,
+    epochs_stage2: Annotated[int | None, typer.Option("--epochs-stage2", help="Epochs of the second stage of "
+                                                      "two-stage methods (default: --epochs).", min=0,
+                                                      show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.", min=1)] = 32,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: each method's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for every method.")] = 0,
@@ -448,8 +451,8 @@ def bench(
     """Run methods on a class-incremental split, each in a fresh workspace, and compare Avg, Last, Forgetting."""
     from .bench import BenchSettings, run_benchmark
 
-    settings = BenchSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers,
-                             precision=precision, max_tasks=tasks_)
+    settings = BenchSettings(epochs=epochs, epochs_stage2=epochs_stage2, batch_size=batch_size, lr=lr, seed=seed,
+                             workers=workers, precision=precision, max_tasks=tasks_)
     results = run_benchmark(split_dir, methods.split(","), model, pretrained, settings, RichProgress(), workspaces,
                             out_file)
     table = Table(title=f"{Path(results['split']).name}: {len(results['tasks'])} tasks, model {model}")

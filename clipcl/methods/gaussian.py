@@ -24,7 +24,7 @@ from ..errors import ClipclError
 
 COVARIANCE_KINDS = ("full", "diag")
 STATS_MEAN_KEY = "stats.mean"
-STATS_COV_KEY = "stats.cov"
+STATS_FACTOR_KEY = "stats.cov_factor"
 STATS_CLASSES_KEY = "stats.classes"
 
 
@@ -84,7 +84,7 @@ def _cholesky(covariance: torch.Tensor) -> torch.Tensor:
     """Cholesky factor, with a growing diagonal jitter for a matrix that rounding left not quite positive definite."""
     jitter = 0.0
     scale = float(covariance.diagonal().mean().clamp_min(1e-12))
-    for _ in range(6):
+    for _ in range(9):
         factor, info = torch.linalg.cholesky_ex(covariance + jitter * torch.eye(len(covariance), dtype=covariance.dtype,
                                                                                 device=covariance.device))
         if int(info) == 0:
@@ -144,7 +144,12 @@ def calibrate(gaussian: ClassGaussian, old_features: torch.Tensor, drift: torch.
 
 
 class GaussianBank(nn.Module):
-    """The statistics of every class seen so far, by global class index, stored as fp16 safetensors per task."""
+    """The statistics of every class seen so far, by global class index, stored per task as fp16 safetensors.
+
+    A covariance is stored as its Cholesky factor (standard deviations for a diagonal one): half precision keeps a
+    factor's values in range where the covariance's (often 1e-6 for unit-norm features) would round to a matrix
+    that is no longer positive definite, and ``L @ L.T`` is positive semi-definite whatever the rounding.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -158,20 +163,22 @@ class GaussianBank(nn.Module):
         return {
             STATS_CLASSES_KEY: torch.tensor(indices, dtype=torch.int64),
             STATS_MEAN_KEY: torch.stack([self.classes[i].mean for i in indices]).half(),
-            STATS_COV_KEY: torch.stack([self.classes[i].cov for i in indices]).half(),
+            STATS_FACTOR_KEY: torch.stack([self.classes[i].factor() for i in indices]).half(),
         }
 
     def load(self, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         """Set the classes a task's tensor file holds (a later task's copy replaces an earlier one)."""
         for row, index in enumerate(tensors[STATS_CLASSES_KEY].tolist()):
-            self.classes[int(index)] = ClassGaussian(tensors[STATS_MEAN_KEY][row].float().to(device),
-                                                     tensors[STATS_COV_KEY][row].float().to(device))
+            factor = tensors[STATS_FACTOR_KEY][row].double().to(device)
+            cov = factor.pow(2) if factor.dim() == 1 else factor @ factor.T
+            self.classes[int(index)] = ClassGaussian(tensors[STATS_MEAN_KEY][row].float().to(device), cov.float(),
+                                                     factor)
 
     @staticmethod
     def bytes_per_class(tensors: dict[str, torch.Tensor]) -> int:
         """Stored bytes of one class's mean and covariance."""
         count = len(tensors[STATS_CLASSES_KEY])
-        size = sum(t.numel() * t.element_size() for k, t in tensors.items() if k in (STATS_MEAN_KEY, STATS_COV_KEY))
+        size = sum(t.numel() * t.element_size() for k, t in tensors.items() if k in (STATS_MEAN_KEY, STATS_FACTOR_KEY))
         return size // max(count, 1)
 
     def draw(self, indices: torch.Tensor) -> torch.Tensor:

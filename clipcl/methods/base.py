@@ -144,6 +144,15 @@ class Method(nn.Module, ABC):
         return {}
 
 
+@torch.no_grad()
+def clip_probabilities(backbone: Backbone, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """CLIP's softmax of ``images`` over classes given by their normalised ``text_features``: the single-pass
+    prediction of every method whose classifier is text."""
+    image_features = backbone.encode_images(images)
+    logits = backbone.logit_scale() * image_features @ text_features.to(image_features.dtype).T
+    return logits.float().softmax(dim=-1)
+
+
 def class_means(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Mean feature of each class (rows of ``features`` labelled 0..n_classes-1)."""
     sums = torch.zeros(n_classes, features.shape[1], dtype=torch.float32, device=features.device)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ClipclError
-from .base import Method, MethodConfig, TaskInfo, image_class_means, register_method
+from .base import Method, MethodConfig, TaskInfo, clip_probabilities, image_class_means, register_method
 
 CLASS_MEANS_KEY = "ncm.class_means"
 
@@ -53,7 +53,7 @@ class ZeroShot(Method):
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         text = torch.cat([getattr(self, f"text_features_{t.index}") for t in self.tasks])
-        return (self.backbone.logit_scale() * self.backbone.encode_images(images) @ text.T).float().softmax(dim=-1)
+        return clip_probabilities(self.backbone, images, text)
 
 
 @register_method

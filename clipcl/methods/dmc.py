@@ -39,7 +39,7 @@ from torch import nn
 
 from ..backbone import Backbone
 from ..errors import ClipclError
-from .base import Method, TaskInfo, register_method
+from .base import Method, TaskInfo, clip_probabilities, register_method
 from .components import ImageLoRA, LoraPromptConfig, SharedPrompt
 from .gaussian import COVARIANCE_KINDS, GaussianBank, calibrate, estimate
 
@@ -201,9 +201,7 @@ class DMC(Method):
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         if self.text_features is None:
             self.text_features = self.prompt.encode().float()
-        image_features = self.backbone.encode_images(images)
-        logits = self.backbone.logit_scale() * image_features @ self.text_features.to(image_features.dtype).T
-        return logits.float().softmax(dim=-1)
+        return clip_probabilities(self.backbone, images, self.text_features)
 
 
 @register_method

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import Backbone
-from .base import Method, TaskInfo, register_method
+from .base import Method, TaskInfo, clip_probabilities, register_method
 from .components import ClassPrompts, ImageLoRA, LoraPromptConfig
 
 SHARED_ADAPTER = "shared"
@@ -77,6 +77,4 @@ class Finetune(Method):
 
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        text_features = self.prompts.features(self.tasks)
-        logits = self.backbone.logit_scale() * self.backbone.encode_images(images) @ text_features.T
-        return logits.float().softmax(dim=-1)
+        return clip_probabilities(self.backbone, images, self.prompts.features(self.tasks))

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..backbone import Backbone, attach_deep_prompts, vision_blocks
 from ..errors import ClipclError
-from .base import Method, MethodConfig, TaskInfo, register_method
+from .base import Method, MethodConfig, TaskInfo, clip_probabilities, register_method
 from .components import SharedPrompt
 
 TOKENS_KEY = "vpt.tokens"
@@ -186,9 +186,7 @@ class TPPTV(Method):
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         if self.text_features is None:
             self.text_features = self.class_text().float()
-        image_features = self.backbone.encode_images(images)
-        logits = self.backbone.logit_scale() * image_features @ self.text_features.to(image_features.dtype).T
-        return logits.float().softmax(dim=-1)
+        return clip_probabilities(self.backbone, images, self.text_features)
 
 
 @register_method

@@ -145,8 +145,8 @@ def run_incremental(method: str, tasks: Sequence[Path], workspace_dir: Path, mod
         progress.info(f"{method}: task {i}/{len(tasks)} ({folder.name})")
         add_task(workspace_dir, folder, _options(settings, method, folder.name), progress)
     workspace = Workspace.open(workspace_dir)
-    matrix, sizes = stored_matrix(workspace)
     details = [workspace.task_json(t) for t in workspace.tasks]
+    matrix, sizes = stored_matrix(details)
     return MethodResult.from_matrix(method, matrix, sizes, details, started,
                                     task_id_accuracy=(details[-1].get("accuracy") or {}).get("task_id"))
 

@@ -229,7 +229,6 @@ class Evaluation:
     (``None`` otherwise). A task whose held-out images are gone has ``None`` and 0 images.
     """
 
-    tasks: list[TaskInfo]
     per_task: list[float | None]
     images: list[int]
     accuracy: float | None
@@ -273,7 +272,7 @@ def evaluate_tasks(method: Method, sets: Sequence[tuple[TaskInfo, ImageDataset |
             routed_total += routed
     progress.stage_end()
     routes = any(value is not None for value in task_id)
-    return Evaluation([task for task, _ in sets], per_task, images, _share(correct_total, count_total), task_id,
+    return Evaluation(per_task, images, _share(correct_total, count_total), task_id,
                       _share(routed_total, count_total) if routes else None)
 
 

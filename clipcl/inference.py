@@ -71,13 +71,13 @@ def check_route(workspace: Workspace, route: int | None) -> None:
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------------
-def stored_matrix(workspace: Workspace) -> tuple[list[list[float | None]], list[int]]:
-    """The accuracy matrix ``A[i][j]`` that ``add-task`` stored (row i: after task i; ``None`` where not measured,
-    a whole row of ``None`` for a task added with ``--no-eval``) and each task's held-out size."""
+def stored_matrix(task_details: Sequence[dict[str, Any]]) -> tuple[list[list[float | None]], list[int]]:
+    """The accuracy matrix ``A[i][j]`` that ``add-task`` stored in the tasks' ``task.json`` (in task order; row i:
+    after task i; ``None`` where not measured, a whole row of ``None`` for a task added with ``--no-eval``) and each
+    task's held-out size."""
     matrix: list[list[float | None]] = []
     sizes: list[int] = []
-    for i, task in enumerate(workspace.tasks):
-        details = workspace.task_json(task)
+    for i, details in enumerate(task_details):
         sizes.append(sum(details["counts"]["heldout"].values()))
         row = (details.get("accuracy") or {}).get("per_task")
         matrix.append(list(row) if row is not None else [None] * (i + 1))
@@ -129,10 +129,11 @@ def evaluate(workspace_path: Path | str, tasks: str = "all", route: int | None =
     chosen = select_tasks(workspace, tasks)
     check_route(workspace, route)
     check_loader_options(batch_size, workers)
-    matrix, sizes = stored_matrix(workspace)
+    details = {t.info.index: workspace.task_json(t) for t in workspace.tasks}  # each task.json read once
+    matrix, sizes = stored_matrix(list(details.values()))
     accelerator = make_accelerator(precision)
     method = workspace.build_method(device=accelerator.device)
-    sets = [(t.info, heldout_dataset(method, t.info, workspace.task_json(t))) for t in chosen]
+    sets = [(t.info, heldout_dataset(method, t.info, details[t.info.index])) for t in chosen]
     evaluation = evaluate_tasks(method, sets, accelerator, batch_size, workers, progress, route=route)
     return EvalReport(workspace, chosen, evaluation, route, matrix, continual_metrics(matrix, sizes),
                       accelerator.is_main_process)

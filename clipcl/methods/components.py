@@ -69,6 +69,11 @@ class ImageLoRA(nn.Module):
         self.names.append(name)
         self.activate(name)
 
+    def ensure(self, name: str) -> None:
+        """Create adapter ``name`` unless it exists (a shared adapter is created by the first task only)."""
+        if name not in self.names:
+            self.add(name)
+
     def activate(self, name: str) -> None:
         assert self.peft is not None
         self.peft.base_model.set_adapter(name)

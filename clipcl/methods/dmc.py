@@ -106,8 +106,7 @@ class DMC(Method):
     def _start(self, task: TaskInfo) -> None:
         self.tasks.append(task)
         self.text_features = None
-        if not self.lora.names:
-            self.lora.add(SHARED_ADAPTER)
+        self.lora.ensure(SHARED_ADAPTER)
 
     def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
         self._start(task)
@@ -120,8 +119,7 @@ class DMC(Method):
         self.prompt.add(task)
         self.changed = []
         if self.calibrates and len(self.tasks) > 1:  # keep the encoder as it is now, to measure the drift
-            if PREVIOUS_ADAPTER not in self.lora.names:
-                self.lora.add(PREVIOUS_ADAPTER)
+            self.lora.ensure(PREVIOUS_ADAPTER)
             self.lora.load(PREVIOUS_ADAPTER, self.lora.state(SHARED_ADAPTER))
             self.lora.activate(SHARED_ADAPTER)
 
@@ -192,9 +190,8 @@ class DMC(Method):
         return {**self.lora.state(SHARED_ADAPTER), **self.prompt.tensors(task), **self.bank.tensors(self.changed)}
 
     def task_metadata(self, task: TaskInfo) -> dict[str, Any]:
-        stats = self.bank.tensors(self.changed)
         return {"statistics": self.config.cov, "statistics_classes": len(self.changed),
-                "statistics_bytes_per_class": GaussianBank.bytes_per_class(stats)}
+                "statistics_bytes_per_class": self.bank.stored_bytes(self.changed[0])}
 
     # --- inference ------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -47,8 +47,7 @@ class Finetune(Method):
 
     def _start(self, task: TaskInfo) -> None:
         self.tasks.append(task)
-        if not self.lora.names:
-            self.lora.add(SHARED_ADAPTER)
+        self.lora.ensure(SHARED_ADAPTER)
 
     def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
         self._start(task)

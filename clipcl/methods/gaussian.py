@@ -47,10 +47,6 @@ class ClassGaussian:
     def diagonal(self) -> bool:
         return self.cov.dim() == 1
 
-    def covariance(self) -> torch.Tensor:
-        """The full ``[D, D]`` matrix, whatever is stored."""
-        return torch.diag(self.cov) if self.diagonal else self.cov
-
     def factor(self) -> torch.Tensor:
         """``L`` with ``L @ L.T = cov`` (float64), or the standard deviations for a diagonal covariance."""
         if self._factor is None:
@@ -174,12 +170,10 @@ class GaussianBank(nn.Module):
             self.classes[int(index)] = ClassGaussian(tensors[STATS_MEAN_KEY][row].float().to(device), cov.float(),
                                                      factor)
 
-    @staticmethod
-    def bytes_per_class(tensors: dict[str, torch.Tensor]) -> int:
-        """Stored bytes of one class's mean and covariance."""
-        count = len(tensors[STATS_CLASSES_KEY])
-        size = sum(t.numel() * t.element_size() for k, t in tensors.items() if k in (STATS_MEAN_KEY, STATS_FACTOR_KEY))
-        return size // max(count, 1)
+    def stored_bytes(self, index: int) -> int:
+        """Bytes a class's mean and covariance factor take in a tensor file (half precision)."""
+        gaussian = self.classes[index]
+        return 2 * (gaussian.mean.numel() + gaussian.factor().numel())
 
     def draw(self, indices: torch.Tensor) -> torch.Tensor:
         """One sample ``[len(indices), D]`` of the class named at each position of ``indices`` (a replay batch)."""

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ from .storage import sha256_file
 CONTEXT_PLACEHOLDER = "X"
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -303,6 +306,32 @@ def _local_weights_sha(spec: ModelSpec) -> None:
         raise ModelError(f"the base model's weights file changed since the workspace was created: {path}")
 
 
+@contextlib.contextmanager
+def _pickle_free_loading() -> Iterator[None]:
+    """Make every ``torch.load`` inside (open_clip's included, whatever it passes) use ``weights_only=True``: a
+    checkpoint file can then hold tensors and plain containers only, never code that runs when it is read."""
+    saved = {key: os.environ.pop(key, None) for key in (FORCE_WEIGHTS_ONLY, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over the base model's tensors (names, dtypes, shapes, bytes): identifies the weights however they
+    were obtained (a tag, the hub, a file), so adapters are never applied to a different base model."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
 def load_backbone(spec: ModelSpec, config_dir: Path | None = None, device: str | torch.device = "cpu") -> Backbone:
     """Build the frozen base model for ``spec``; ``config_dir`` holds the stored model-config JSON, if any."""
     if spec.config is not None:
@@ -311,9 +340,10 @@ def load_backbone(spec: ModelSpec, config_dir: Path | None = None, device: str |
         open_clip.add_model_config(config_dir / f"{spec.name}.json")
     _local_weights_sha(spec)
     try:
-        model, train_transform, eval_transform = open_clip.create_model_and_transforms(
-            spec.name, pretrained=spec.pretrained, device=device
-        )
+        with _pickle_free_loading():
+            model, train_transform, eval_transform = open_clip.create_model_and_transforms(
+                spec.name, pretrained=spec.pretrained, device=device
+            )
         tokenizer = open_clip.get_tokenizer(spec.name)
     except Exception as exc:  # open_clip, torch.load and the hub raise many types; each means "cannot load"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

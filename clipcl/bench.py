@@ -38,7 +38,7 @@ from .engine import (
 )
 from .errors import ClipclError, DataError
 from .inference import stored_matrix
-from .methods import get_method_class
+from .methods import build_config, get_method_class
 from .metrics import continual_metrics
 from .storage import atomic_write_json
 from .workspace import Workspace, now_iso
@@ -136,14 +136,39 @@ def _options(settings: BenchSettings, method: str, name: str, evaluate: bool = T
                         evaluate=evaluate, epochs_stage2=settings.epochs_stage2 if two_stages else None)
 
 
+def parse_method_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``NAME[:KEY=VALUE...]`` (``cma:align_weight=0``) as the method's name and its option overrides, checked, so
+    one run can compare a method with its ablations."""
+    name, *assignments = spec.split(":")
+    options: dict[str, str] = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ClipclError(f"--methods {spec!r}: expected NAME:KEY=VALUE, got {assignment!r}")
+        options[key.strip()] = value.strip()
+    if name == JOINT:
+        if options:
+            raise ClipclError(f"--methods {spec!r}: joint takes no options")
+    else:
+        build_config(get_method_class(name), options)
+    return name, options
+
+
+def workspace_name(spec: str) -> str:
+    """A folder name for a method spec: options become ``_KEY-VALUE`` so that no shell or OS trips on it."""
+    return re.sub(r"[^\w.-]+", "_", spec.replace("=", "-"))
+
+
 def run_incremental(method: str, tasks: Sequence[Path], workspace_dir: Path, model: str, pretrained: str | None,
                     settings: BenchSettings, progress: Progress) -> MethodResult:
-    """Learn ``tasks`` one after another with ``method`` in a new workspace, as ``clipcl add-task`` does."""
+    """Learn ``tasks`` one after another with ``method`` (a spec: a name, optionally with ``:KEY=VALUE`` options)
+    in a new workspace, as ``clipcl init`` and ``clipcl add-task`` do."""
     started = time.perf_counter()
-    Workspace.create(workspace_dir, resolve_model_spec(model, pretrained), method)
+    name, options = parse_method_spec(method)
+    Workspace.create(workspace_dir, resolve_model_spec(model, pretrained), name, options)
     for i, folder in enumerate(tasks, start=1):
         progress.info(f"{method}: task {i}/{len(tasks)} ({folder.name})")
-        add_task(workspace_dir, folder, _options(settings, method, folder.name), progress)
+        add_task(workspace_dir, folder, _options(settings, name, folder.name), progress)
     workspace = Workspace.open(workspace_dir)
     details = [workspace.task_json(t) for t in workspace.tasks]
     matrix, sizes = stored_matrix(details)
@@ -248,9 +273,8 @@ def run_benchmark(split_dir: Path | str, methods: Sequence[str], model: str, pre
     methods = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
     if not methods:
         raise ClipclError("--methods names no method")
-    for name in methods:
-        if name != JOINT:
-            get_method_class(name)
+    for spec in methods:
+        parse_method_spec(spec)
     TrainOptions(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, workers=settings.workers,
                  epochs_stage2=settings.epochs_stage2).check()
     make_accelerator(settings.precision)
@@ -261,7 +285,8 @@ def run_benchmark(split_dir: Path | str, methods: Sequence[str], model: str, pre
     if keep is not None:
         if keep.exists() and not keep.is_dir():
             raise ClipclError(f"--workspaces: {keep} exists and is not a folder")
-        taken = [p.name for m in methods for p in (keep / m, joint_data_folder(keep / m)) if p.exists()]
+        folders = [keep / workspace_name(m) for m in methods]
+        taken = [p.name for folder in folders for p in (folder, joint_data_folder(folder)) if p.exists()]
         if taken:
             raise ClipclError(f"{keep} already holds {', '.join(taken)}: choose an empty folder for --workspaces")
         keep.mkdir(parents=True, exist_ok=True)
@@ -279,11 +304,12 @@ def run_benchmark(split_dir: Path | str, methods: Sequence[str], model: str, pre
     }
     with tempfile.TemporaryDirectory(prefix="clipcl-bench-") as scratch:
         base = keep if keep is not None else Path(scratch)
-        for name in methods:
-            if name == JOINT:
-                result = run_joint(tasks, base / name, model, pretrained, settings, progress)
+        for spec in methods:
+            if spec == JOINT:
+                result = run_joint(tasks, base / JOINT, model, pretrained, settings, progress)
             else:
-                result = run_incremental(name, tasks, base / name, model, pretrained, settings, progress)
+                result = run_incremental(spec, tasks, base / workspace_name(spec), model, pretrained, settings,
+                                         progress)
             results["methods"].append(dataclasses.asdict(result))
             if out_path is not None:
                 atomic_write_json(out_path, results)

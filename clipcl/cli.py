@@ -22,7 +22,8 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from . import __version__
-from .engine import PRECISIONS, TaskReport, TrainOptions, add_task, default_workers
+from .checkpoint import Checkpoint
+from .engine import PRECISIONS, RESUMED_OPTIONS, TaskReport, TrainOptions, add_task, default_workers
 from .engine import Progress as EngineProgress
 from .errors import ClipclError
 from .methods import available_methods
@@ -67,6 +68,10 @@ class OneLineErrors(TyperGroup):
         except ClipclError as exc:
             typer.echo(f"error: {_one_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # the machine, not the input: a full disk, a read-only folder, a vanished file
+            where = f": {exc.filename}" if exc.filename else ""
+            typer.echo(f"error: {exc.strerror or _one_line(str(exc))}{where}", err=True)
+            sys.exit(1)
         except Exception as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
@@ -214,8 +219,9 @@ def _report_table(report: TaskReport) -> Table:
 
 @app.command("add-task")
 def add_task_command(
-    folder: Annotated[Path, typer.Argument(help="Folder of class sub-folders (or train/ and test/ splits).",
-                                           show_default=False)],
+    ctx: typer.Context,
+    folder: Annotated[Path | None, typer.Argument(help="Folder of class sub-folders (or train/ and test/ splits); "
+                                                       "optional with --resume.", show_default=False)] = None,
     workspace: WorkspaceOption = Path(DEFAULT_WORKSPACE),
     name: Annotated[str | None, typer.Option(help="Task name (default: the folder's name).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs (default: the method's); for methods that "
@@ -231,11 +237,21 @@ def add_task_command(
     precision: PrecisionOption = "fp32",
     workers: WorkersOption = DEFAULT_WORKERS,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate every task after training.")] = True,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted add-task from its last finished "
+                                                          "epoch, with its folder and settings.")] = False,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for another clipcl process writing the workspace "
+                                             "(default: fail at once).", min=0.0)] = 0.0,
 ) -> None:
     """Learn a folder of classes as the workspace's next task, then evaluate and store it."""
+    if resume:
+        given = [f"--{key.replace('_', '-')}" for key in (*RESUMED_OPTIONS, "name")
+                 if getattr(ctx.get_parameter_source(key), "name", None) == "COMMANDLINE"]
+        if given:
+            raise ClipclError(f"--resume continues with the interrupted run's settings: drop {', '.join(given)}")
     options = TrainOptions(name=name, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, holdout=holdout,
-                           precision=precision, workers=workers, evaluate=evaluate, epochs_stage2=epochs_stage2)
-    report = add_task(workspace, folder, options, RichProgress())
+                           precision=precision, workers=workers, evaluate=evaluate, epochs_stage2=epochs_stage2,
+                           lock_wait=wait)
+    report = add_task(workspace, folder, options, RichProgress(), resume=resume)
     if not report.is_main_process:
         return
     out().print(_report_table(report))
@@ -287,6 +303,14 @@ def tasks(
                       row["created_at"].replace("T", " ")[:16], _percent(accuracy.get("task")),
                       _percent(accuracy.get("all")), *((_method_notes(row["method"]),) if with_notes else ()))
     out().print(table)
+    try:
+        interrupted = Checkpoint.peek(ws.path)
+    except ClipclError:  # a damaged checkpoint: add-task says so and replaces it
+        interrupted = None
+    if interrupted is not None and interrupted["run"]["task"] == len(rows) + 1:
+        out().print(f"Interrupted: task {interrupted['run']['task']} ({escape(interrupted['run']['name'])}) stopped "
+                    f"after epoch {interrupted['epochs_done']} of stage {interrupted['stage'] + 1}; continue it with "
+                    "`clipcl add-task --resume`")
 
 
 def _shown_path(path: str) -> str:
@@ -426,7 +450,8 @@ def bench(
     split_dir: Annotated[Path, typer.Argument(help="Folder of task-1 ... task-N, each with train/ and test/.",
                                               show_default=False)],
     methods: Annotated[str, typer.Option(help="Comma-separated methods to compare; 'joint' is finetune trained on "
-                                              "all classes at once (the upper bound).")
+                                              "all classes at once (the upper bound). NAME:KEY=VALUE sets a "
+                                              "method option, e.g. cma:align_weight=0 for an ablation.")
                        ] = "dma,ncm,zeroshot,finetune,joint",
     model: Annotated[str, typer.Option(help="open_clip model name, hf-hub:ORG/NAME, or a model-config JSON.")] = ...,
     pretrained: Annotated[str | None, typer.Option(help="Pretrained tag or weights file.")] = None,
@@ -469,11 +494,16 @@ def bench(
 
 def _method_notes(metadata: dict[str, Any]) -> str:
     """A method's facts about a task (task_metadata), one "name: value" per line; byte counts made readable."""
-    lines = []
-    for key, value in metadata.items():
-        shown = _size(value) if "bytes" in key and isinstance(value, int) else str(value)
-        lines.append(f"{key.replace('_', ' ')}: {shown}")
-    return escape("\n".join(lines))
+    def shown(key: str, value: Any) -> str:
+        if "bytes" in key and isinstance(value, int):
+            return _size(value)
+        if isinstance(value, dict):
+            return "; ".join(f"{k} {shown(k, v)}" for k, v in value.items())
+        if isinstance(value, list):
+            return ", ".join(map(str, value)) or "none"
+        return str(value)
+
+    return escape("\n".join(f"{key.replace('_', ' ')}: {shown(key, value)}" for key, value in metadata.items()))
 
 
 def _size(n_bytes: int) -> str:

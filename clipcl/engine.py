@@ -8,12 +8,13 @@ workspace. Nothing is written before the commit, so an exception anywhere leaves
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__
+from .checkpoint import Checkpoint, EpochState, capture_rng, restore_rng
 from .data import ImageDataset, ImageItem, TaskData, scan_task_folder
-from .errors import ClipclError, DataError
+from .errors import ClipclError, DataError, WorkspaceError
+from .failpoints import failpoint
 from .methods import Method, TaskInfo, get_method_class
 from .workspace import StoredTask, Workspace, validate_task_name
 
@@ -147,10 +150,13 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int) -> to
 
 
 def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs: int, batch_size: int, lr: float,
-                 workers: int, seed: int, progress: Progress, label: str = "") -> dict[str, float]:
+                 workers: int, seed: int, progress: Progress, label: str = "", start: EpochState | None = None,
+                 on_epoch: Callable[[EpochState], None] | None = None) -> dict[str, float]:
     """Optimise ``method.trainable_parameters()`` on ``dataset``; returns step count, wall time and images/s.
 
-    ``label`` prefixes the progress stages (the method's training stage, for methods with several)."""
+    ``label`` prefixes the progress stages (the method's training stage, for methods with several). ``start``
+    continues from a checkpointed epoch (optimiser, schedule, data order and random state as they stood), and
+    ``on_epoch`` receives that state after every epoch, so a later run can continue from it."""
     method.requires_grad_(False)
     params = method.trainable_parameters()
     for param in params:
@@ -158,15 +164,23 @@ def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs
     if not params or epochs == 0:
         return {"steps": 0, "seconds": 0.0, "images_per_s": 0.0, "images": 0}
     loader = _loader(dataset, batch_size, workers, shuffle=True, seed=seed)
+    generator = loader.generator
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total_steps = epochs * len(loader)
     scheduler = cosine_with_warmup(optimizer, total_steps)
+    first_epoch, seen, previous_seconds = 0, 0, 0.0
+    if start is not None:
+        optimizer.load_state_dict(start.optimizer)
+        scheduler.load_state_dict(start.scheduler)
+        generator.set_state(start.generator)
+        restore_rng(start.rng)
+        first_epoch, seen, previous_seconds = start.epochs_done, start.images, start.seconds
     model, optimizer, loader, scheduler = accelerator.prepare(method, optimizer, loader, scheduler)
     steps_per_process = epochs * len(loader)  # the scheduler is stepped once per process per step (Accelerate)
     model.train()  # Method.train keeps the frozen base in eval mode
-    seen, started = 0, time.perf_counter()
+    started = time.perf_counter()
     try:
-        for epoch in range(epochs):
+        for epoch in range(first_epoch, epochs):
             progress.stage_start(f"{label}epoch {epoch + 1}/{epochs}", len(loader))
             for images, labels in loader:
                 loss = model(images, labels)
@@ -176,14 +190,19 @@ def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                failpoint("step")
                 seen += images.shape[0] * accelerator.num_processes
-                elapsed = time.perf_counter() - started
+                elapsed = previous_seconds + time.perf_counter() - started
                 progress.stage_advance(1, loss=float(loss.detach()), images_per_s=seen / max(elapsed, 1e-9))
             progress.stage_end()
+            if on_epoch is not None:
+                on_epoch(EpochState(epoch + 1, optimizer.state_dict(), scheduler.state_dict(), generator.get_state(),
+                                    capture_rng(), previous_seconds + time.perf_counter() - started, seen))
+            failpoint("epoch")
     finally:
         model.eval()
         accelerator.free_memory()
-    seconds = time.perf_counter() - started
+    seconds = previous_seconds + time.perf_counter() - started
     return {"steps": steps_per_process, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9), "images": seen}
 
 
@@ -287,23 +306,59 @@ def _check_new_classes(workspace: Workspace, data: TaskData) -> None:
         raise DataError(f"the first task needs at least two classes, {data.root} has {len(data.classes)}")
 
 
-def add_task(workspace_path: Path | str, folder: Path | str, options: TrainOptions | None = None,
-             progress: Progress | None = None) -> TaskReport:
-    """Learn ``folder`` (class sub-folders) as the workspace's next task, evaluate, and store it."""
+RESUMED_OPTIONS = ("epochs", "epochs_stage2", "batch_size", "lr", "seed", "holdout", "precision", "workers")
+
+
+def _run_identity(workspace: Workspace, task: TaskInfo, name: str, data: TaskData, options: TrainOptions
+                  ) -> dict[str, Any]:
+    """What a checkpoint must match to be continued: the same next task of the same workspace, the same folder
+    content, the same method and the same settings."""
+    return {"task": task.index, "name": name, "folder": str(data.root), "fingerprint": data.fingerprint,
+            "method": workspace.method_name, "options": {key: getattr(options, key) for key in RESUMED_OPTIONS}}
+
+
+def _check_resumable(checkpoint: Checkpoint, identity: dict[str, Any]) -> None:
+    run = checkpoint.run
+    if run["task"] != identity["task"] or run["method"] != identity["method"]:
+        raise WorkspaceError(f"the interrupted run was task {run['task']} of method {run['method']}; the workspace "
+                             f"now expects task {identity['task']}: start over without --resume")
+    if run["fingerprint"] != identity["fingerprint"]:
+        raise DataError(f"{identity['folder']} changed since the interrupted run (files added, removed or "
+                        "modified): start over without --resume")
+
+
+def add_task(workspace_path: Path | str, folder: Path | str | None, options: TrainOptions | None = None,
+             progress: Progress | None = None, resume: bool = False) -> TaskReport:
+    """Learn ``folder`` (class sub-folders) as the workspace's next task, evaluate, and store it.
+
+    After every epoch a checkpoint is written beside the workspace's committed state; with ``resume`` the run
+    continues from the checkpoint of an interrupted one, with its folder (``folder`` may be ``None``) and its
+    settings (those of ``options`` are replaced), and reaches the tensors the uninterrupted run would have.
+    """
     options = options or TrainOptions()
     progress = progress or Progress()
-    options.check()
     workspace = Workspace.open(workspace_path)
+    checkpoint = None
+    if resume:
+        checkpoint = Checkpoint.load(workspace.path)
+        stored_folder = checkpoint.run["folder"]
+        if folder is not None and Path(folder).expanduser().resolve() != Path(stored_folder):
+            raise ClipclError(f"--resume continues the interrupted run on {stored_folder}, not {folder}")
+        folder = stored_folder
+        options = dataclasses.replace(options, name=checkpoint.run["name"], **checkpoint.run["options"])
+    elif folder is None:
+        raise ClipclError("add-task needs a FOLDER (or --resume to continue an interrupted run)")
+    options.check()
     accelerator = make_accelerator(options.precision)
     if not accelerator.is_main_process:
         progress = Progress()  # one report per run, from the main process
-    writing = workspace.writing(wait=options.lock_wait) if accelerator.is_main_process else nullcontext(workspace)
-    with writing:
+    with _writing_on_main(workspace, accelerator, options.lock_wait, progress):
         started = time.perf_counter()
         data = scan_task_folder(folder, options.holdout, options.seed, workers=max(1, options.workers),
                                 on_skip=lambda relpath, why: progress.warn(f"skipped unreadable {relpath}: {why}"))
         if data.skipped:
             progress.warn(f"{len(data.skipped)} unreadable file(s) skipped in {data.root}")
+        failpoint("scan")
         _check_new_classes(workspace, data)
         name = validate_task_name(options.name or data.root.name)
         if any(task.name == name for task in workspace.tasks):
@@ -315,24 +370,50 @@ def add_task(workspace_path: Path | str, folder: Path | str, options: TrainOptio
             raise ClipclError(f"method {method_class.name} trains in one stage: drop --epochs-stage2")
         epochs = method_class.default_epochs if options.epochs is None else options.epochs
         lr = options.lr or method_class.default_lr
+        task = TaskInfo(index=workspace.next_task_index(), classes=tuple(data.classes), offset=len(workspace.classes))
+        identity = _run_identity(workspace, task, name, data, options)
+        if checkpoint is not None:
+            _check_resumable(checkpoint, identity)
+            progress.info(f"resuming task {task.index} ({name}) after epoch {checkpoint.state.epochs_done} of stage "
+                          f"{checkpoint.stage + 1}")
+        elif (interrupted := _readable_checkpoint(workspace.path, progress)) is not None:
+            if interrupted["run"]["task"] < task.index:  # its task was committed; only the clean-up was cut short
+                Checkpoint.discard(workspace.path)
+            else:
+                progress.warn(f"starting over: the checkpoint of the interrupted add-task of "
+                              f"{interrupted['run']['folder']} will be replaced (use --resume to continue it instead)")
         from accelerate.utils import set_seed
 
         set_seed(options.seed)
         method = workspace.build_method(device=accelerator.device)
-        task = TaskInfo(index=workspace.next_task_index(), classes=tuple(data.classes), offset=len(workspace.classes))
         method.begin_task(task)
         train_set = ImageDataset(data.root, data.train, method.backbone.train_transform, label_offset=task.offset)
         stats_set = ImageDataset(data.root, data.train, method.backbone.eval_transform, label_offset=task.offset)
         later_epochs = epochs if options.epochs_stage2 is None else options.epochs_stage2
         stage_epochs = [epochs] + [later_epochs] * (len(method.stages) - 1)
-        stages = []
+        stages: list[dict[str, Any]] = list(checkpoint.finished_stages) if checkpoint is not None else []
+        names = {id(param): param_name for param_name, param in method.named_parameters()}
+        trained: dict[str, torch.nn.Parameter] = {}
+        if checkpoint is not None:
+            _load_parameters(method, checkpoint.parameters)
         for number, (stage, n_epochs) in enumerate(zip(method.stages, stage_epochs, strict=True), start=1):
             method.begin_stage(stage)
             label = f"{stage}: " if len(method.stages) > 1 else ""
-            run = train_method(method, train_set, accelerator, n_epochs, options.batch_size, lr, options.workers,
-                               options.seed, progress, label)
-            stages.append({"stage": stage, "epochs": n_epochs, "steps": run["steps"],
-                           "train_s": round(run["seconds"], 3), "images": run["images"]})
+            trained.update({names[id(p)]: p for p in method.trainable_parameters()})
+            start = None
+            if checkpoint is not None and number - 1 <= checkpoint.stage:
+                _load_parameters(method, checkpoint.parameters)  # after begin_stage, which may set up parameters
+                start = checkpoint.state if number - 1 == checkpoint.stage else None
+
+            def save_checkpoint(state: EpochState, stage_index: int = number - 1) -> None:
+                if accelerator.is_main_process:
+                    Checkpoint(identity, stage_index, state, trained, stages).save(workspace.path)
+
+            if checkpoint is None or number - 1 >= checkpoint.stage:
+                run = train_method(method, train_set, accelerator, n_epochs, options.batch_size, lr, options.workers,
+                                   options.seed, progress, label, start=start, on_epoch=save_checkpoint)
+                stages.append({"stage": stage, "epochs": n_epochs, "steps": run["steps"],
+                               "train_s": round(run["seconds"], 3), "images": run["images"]})
             if number < len(method.stages):
                 method.end_stage(stage, _advancing(_loader(stats_set, options.batch_size, options.workers), progress,
                                                    f"{label}statistics"))
@@ -379,10 +460,61 @@ def add_task(workspace_path: Path | str, folder: Path | str, options: TrainOptio
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             stored = workspace.commit_task(name, task, details, tensors)
+            failpoint("committed")
+            Checkpoint.discard(workspace.path)
         else:
             stored = StoredTask(task, name, f"tasks/task-{task.index:03d}", {}, "")
         accelerator.wait_for_everyone()
     return TaskReport(stored, details, accelerator.is_main_process)
+
+
+def _readable_checkpoint(workspace: Path, progress: Progress) -> dict[str, Any] | None:
+    """An interrupted run's checkpoint, if one is there and readable; a damaged one never blocks a fresh run."""
+    try:
+        return Checkpoint.peek(workspace)
+    except ClipclError as exc:
+        progress.warn(f"ignoring a damaged checkpoint of an interrupted add-task ({exc}); it will be replaced")
+        return None
+
+
+def _load_parameters(method: Method, parameters: dict[str, torch.Tensor]) -> None:
+    """Put checkpointed parameter values back into ``method`` by name."""
+    own = dict(method.named_parameters())
+    missing = sorted(set(parameters) - set(own))
+    if missing:
+        raise WorkspaceError(f"the checkpoint holds parameters this method does not have: {', '.join(missing[:3])}")
+    with torch.no_grad():
+        for param_name, value in parameters.items():
+            own[param_name].copy_(value)
+
+
+@contextmanager
+def _writing_on_main(workspace: Workspace, accelerator: Any, wait: float, progress: Progress) -> Iterator[None]:
+    """The workspace's write lock, taken by the main process; every process learns whether it was taken, so no
+    rank trains (and then blocks in a collective) when another clipcl holds the workspace."""
+    from accelerate.utils import broadcast_object_list
+
+    held = workspace.writing(wait=wait, on_wait=progress.warn) if accelerator.is_main_process else nullcontext()
+    outcome: list[Any] = [None]
+    try:
+        held.__enter__()
+    except WorkspaceError as exc:
+        outcome = [str(exc)]
+        if accelerator.num_processes == 1:
+            raise
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list(outcome)
+        if outcome[0] is not None:
+            raise WorkspaceError(outcome[0])
+        if not accelerator.is_main_process:  # the main process re-read it under the lock
+            workspace.manifest = Workspace.open(workspace.path).manifest
+    try:
+        yield
+    except BaseException as exc:
+        if not held.__exit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        held.__exit__(None, None, None)
 
 
 def _advancing(loader: DataLoader, progress: Progress, stage: str) -> Iterator[Any]:

@@ -20,6 +20,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import WorkspaceError
+from .failpoints import failpoint
 
 TEMP_PREFIX = ".tmp-"
 
@@ -48,6 +49,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
     try:
         write_synced(tmp, data)
+        failpoint("replace")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

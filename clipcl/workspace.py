@@ -28,7 +28,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,9 @@ from typing import Any
 import torch
 
 from . import __version__
-from .backbone import ModelSpec, load_backbone
+from .backbone import ModelSpec, load_backbone, weights_fingerprint
 from .errors import WorkspaceError
+from .failpoints import failpoint
 from .methods import Method, TaskInfo, build_config, get_method_class
 from .storage import (
     TEMP_PREFIX,
@@ -62,6 +63,7 @@ DEFAULT_WORKSPACE = "clipcl-workspace"
 WORKSPACE_ENV = "CLIPCL_WORKSPACE"
 MAX_TASK_NAME_LENGTH = 100
 TASK_DIR_PATTERN = re.compile(r"task-\d{3,}")
+WEIGHTS_KEY = "weights_sha256"
 REQUIRED_MANIFEST_KEYS = ("model", "method", "classes", "tasks")
 
 
@@ -112,6 +114,7 @@ class Workspace:
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = path
         self.manifest = manifest
+        self.weights_fingerprint: str | None = None  # of the base model as last loaded (build_method)
 
     # --- opening and creating -------------------------------------------------------------------------------------
     @classmethod
@@ -211,6 +214,7 @@ class Workspace:
         method_class = get_method_class(self.method_name)
         config = build_config(method_class, stored=self.method_config)
         backbone = load_backbone(self.model_spec, self.path / "model", device=device)
+        self.check_base_weights(weights_fingerprint(backbone.model))
         method = method_class(backbone, config)
         for task in self.tasks:
             try:
@@ -220,13 +224,27 @@ class Workspace:
                                      f"{self.method_name}: {exc}") from exc
         return method
 
+    def check_base_weights(self, fingerprint: str) -> None:
+        """Refuse a base model whose weights differ from those the stored adapters were trained on (the fingerprint
+        is recorded by the first task's commit); remember it for that commit otherwise."""
+        recorded = self.manifest["model"].get(WEIGHTS_KEY)
+        if recorded is not None and recorded != fingerprint:
+            raise WorkspaceError(f"the base model {self.model_spec.describe()} now loads different weights than the "
+                                 f"ones this workspace's adapters were trained on (fingerprint {fingerprint[:12]}, "
+                                 f"recorded {recorded[:12]}): refusing to load them")
+        self.weights_fingerprint = fingerprint
+
     # --- writing --------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def writing(self, wait: float = 0.0) -> Iterator[Workspace]:
-        """Hold the workspace's write lock; re-read the manifest under it and clear a crashed writer's debris."""
+    def writing(self, wait: float = 0.0, on_wait: Callable[[str], None] | None = None) -> Iterator[Workspace]:
+        """Hold the workspace's write lock; re-read the manifest under it and clear a crashed writer's debris.
+
+        Another writer holding the lock makes this wait up to ``wait`` seconds (telling ``on_wait`` once), then
+        fail with a clear error. Readers never take the lock: every committed state is complete on disk."""
         lock_path = self.path / ".lock"
         handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
         deadline = time.monotonic() + wait
+        told = False
         try:
             while True:
                 try:
@@ -236,9 +254,14 @@ class Workspace:
                     if exc.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
                     if time.monotonic() >= deadline:
+                        hint = "try again later, or pass --wait SECONDS" if wait <= 0 else f"gave up after {wait:g} s"
                         raise WorkspaceError(
-                            f"workspace {self.path} is being written by another clipcl process; try again later"
+                            f"workspace {self.path} is being written by another clipcl process: {hint}"
                         ) from None
+                    if on_wait is not None and not told:
+                        on_wait(f"workspace {self.path} is being written by another clipcl process; "
+                                f"waiting up to {wait:g} s for it to finish")
+                        told = True
                     time.sleep(0.2)
             fresh = Workspace.open(self.path)
             self.manifest = fresh.manifest
@@ -274,11 +297,13 @@ class Workspace:
             for file_name, data in ((TENSORS_FILE, tensor_bytes), (TASK_JSON, json_bytes)):
                 write_synced(staging / file_name, data)
             fsync_dir(staging)
+            failpoint("staged")
             final = self.path / task_dir
             if final.exists():  # a crashed writer's folder that the manifest never referenced
                 _remove(final)
             os.rename(staging, final)
             fsync_dir(final.parent)
+            failpoint("renamed")
         except BaseException:
             _remove(staging)
             raise
@@ -290,6 +315,8 @@ class Workspace:
             created_at=now_iso(),
         )
         manifest = dict(self.manifest)
+        if self.weights_fingerprint is not None and WEIGHTS_KEY not in manifest["model"]:
+            manifest["model"] = {**manifest["model"], WEIGHTS_KEY: self.weights_fingerprint}
         manifest["classes"] = [*manifest["classes"], *({"name": c, "task": info.index} for c in info.classes)]
         manifest["tasks"] = [*manifest["tasks"], stored.to_json()]
         manifest["updated_at"] = now_iso()

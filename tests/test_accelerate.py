@@ -38,3 +38,18 @@ def test_two_processes_train_one_task_and_report_once(workspace: Path, task_fact
     assert details["training"]["steps"] == 3 * 2  # 32 training images, batches of 8, split over 2 processes
     assert details["accuracy"]["task"] >= 0.8
     assert invoke(runner, "tasks", "-w", workspace).exit_code == 0
+
+
+def test_two_processes_facing_a_locked_workspace_both_stop_cleanly(workspace: Path, task_factory) -> None:
+    from test_locking import _hold_lock
+
+    holder = _hold_lock(workspace, 120)
+    try:
+        result = _run("-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "clipcl.cli", "add-task",
+                      "-w", str(workspace), str(task_factory("a", ["red", "green"])), *FAST)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("being written by another clipcl process" in e for e in errors), result.stderr

@@ -124,3 +124,46 @@ def test_error_from_a_dataloader_worker_is_reduced_to_its_own_line() -> None:
     wrapped = ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                '  File "x.py", line 1, in f\nclipcl.errors.DataError: cannot read /data/a.jpg\n')
     assert _one_line(wrapped) == "cannot read /data/a.jpg"
+
+
+# Bad input across every command, on a workspace that has learned one task: each case must exit 2 with one
+# "error:" line, no traceback, and leave every byte of the workspace as it was. {ws} is the workspace, {data} a
+# fresh task folder (blue, cyan), {image} one of task 1's images.
+BAD_INPUT = [
+    (["add-task", "-w", "{ws}", "{data}", "--name", "../escape"], "may not hold '/'"),
+    (["add-task", "-w", "{ws}", "{data}", "--name", "/etc/passwd"], "may not hold '/'"),
+    (["add-task", "-w", "{ws}", "{data}", "--name", "nul\x01byte"], "control characters"),
+    (["add-task", "-w", "{ws}", "{data}", "--name", "x" * 300], "at most 100 characters"),
+    (["add-task", "-w", "{ws}", "{data}", "--name", "   "], "cannot be empty"),
+    (["add-task", "-w", "{ws}", "{data}", "--lr", "-1"], "--lr must be positive"),
+    (["add-task", "-w", "{ws}", "{data}", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+    (["add-task", "-w", "{ws}", "{data}", "--holdout", "1.5"], "Invalid value for '--holdout'"),
+    (["add-task", "-w", "{ws}", "{data}", "--epochs-stage2", "2"], "trains in one stage"),
+    (["add-task", "-w", "{ws}", "{data}", "--wait", "-3"], "Invalid value for '--wait'"),
+    (["add-task", "-w", "{ws}", "--resume"], "nothing to resume"),
+    (["add-task", "-w", "{ws}"], "needs a FOLDER"),
+    (["add-task", "-w", "{ws}", "{ws}/manifest.json"], "not a folder"),
+    (["predict", "-w", "{ws}", "{ws}/nothing-*.png"], "no image found at"),
+    (["predict", "-w", "{ws}", "{image}", "--top-k", "0"], "Invalid value for '--top-k'"),
+    (["predict", "-w", "{ws}", "{image}", "--route", "0"], "--route"),
+    (["predict", "-w", "{ws}", "{image}", "--precision", "fp7"], "--precision must be one of"),
+    (["eval", "-w", "{ws}", "--tasks", "9"], "no task '9'"),
+    (["eval", "-w", "{ws}", "--tasks", "1,,x"], "--tasks"),
+    (["eval", "-w", "{ws}", "--plot", "{ws}/../plot.txt"], "--plot"),
+    (["eval", "-w", "{ws}", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+    (["tasks", "-w", "{ws}/tasks"], "no workspace at"),
+    (["bench", "{ws}", "--model", "{config}", "--methods", "dma"], "task-1"),
+    (["init", "-w", "{ws}", "--model", "ViT-B-16", "--pretrained", "openai"], "a workspace already exists"),
+    (["nonsense", "-w", "{ws}"], "No such command"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), BAD_INPUT, ids=[f"{a[0]}-{i}" for i, (a, _) in enumerate(BAD_INPUT)])
+def test_bad_input_changes_nothing(trained: Path, tmp_path: Path, tiny_config: Path, runner, args: list[str],
+                                   needle: str) -> None:
+    data = make_task(tmp_path / "new", ["blue", "cyan"], per_class=4)
+    image = next((trained.parent / "data" / "first" / "red").iterdir())
+    values = {"ws": str(trained), "data": str(data), "image": str(image), "config": str(tiny_config)}
+    before = snapshot(trained)
+    result = invoke(runner, *[a.format(**values) for a in args])
+    assert_clean_failure(result, trained, before, needle)

@@ -71,6 +71,23 @@ def test_bench_compares_methods_and_writes_json(split: Path, tmp_path: Path, tin
     assert rows["joint"]["matrix"][0][0] == pytest.approx(sum(hits) / len(hits))
 
 
+def test_bench_compares_a_method_with_its_ablation(split: Path, tmp_path: Path, tiny_config: Path,
+                                                  tiny_weights: Path, runner) -> None:
+    out = tmp_path / "ablation.json"
+    kept = tmp_path / "kept"
+    result = invoke(runner, "bench", split, "--methods", "tppt-v,tppt-v:contrastive_weight=0", "--model",
+                    tiny_config, "--pretrained", tiny_weights, "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                    "--out", out, "--workspaces", kept)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["methods"]
+    assert [row["method"] for row in rows] == ["tppt-v", "tppt-v:contrastive_weight=0"]
+    config = json.loads((kept / "tppt-v_contrastive_weight-0" / "manifest.json").read_text())["method"]["config"]
+    assert config["contrastive_weight"] == 0.0
+    trained = [(kept / name / "tasks/task-001/tensors.safetensors").read_bytes()
+               for name in ("tppt-v", "tppt-v_contrastive_weight-0")]
+    assert trained[0] != trained[1]  # the option reached training
+
+
 def test_bench_runs_dma_through_the_same_engine(split: Path, tmp_path: Path, tiny_config: Path,
                                                tiny_weights: Path, runner) -> None:
     out = tmp_path / "dma.json"
@@ -90,6 +107,9 @@ def test_bench_runs_dma_through_the_same_engine(split: Path, tmp_path: Path, tin
     ("change", "args", "needle"),
     [
         ("none", ["--methods", "ncm,nope"], "unknown method 'nope'"),
+        ("none", ["--methods", "cma:nope=1"], "method cma has no option 'nope'"),
+        ("none", ["--methods", "cma:align_weight"], "expected NAME:KEY=VALUE"),
+        ("none", ["--methods", "joint:lr=1"], "joint takes no options"),
         ("gap", [], "lacks task-2"),
         ("no-test", [], "no train/ and test/"),
         ("empty", [], "no task-1"),

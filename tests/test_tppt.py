@@ -13,7 +13,8 @@ from clipcl import Workspace
 from clipcl.backbone import load_backbone, resolve_model_spec
 from clipcl.errors import ModelError
 from clipcl.methods import build_config, get_method_class
-from clipcl.methods.tppt import relational_diversity, text_to_image_contrastive
+from clipcl.methods.losses import text_to_image_contrastive
+from clipcl.methods.tppt import relational_diversity
 
 
 def _method(name: str, tiny_config: Path, tiny_weights: Path):

@@ -1,6 +1,6 @@
 """Registered continual-learning methods. Importing a method's module registers it."""
 
-from . import baselines, dma, dmc, finetune, tppt  # noqa: F401
+from . import baselines, cma, dma, dmc, finetune, tppt  # noqa: F401
 from .base import (
     Method,
     MethodConfig,

@@ -317,3 +317,24 @@ class SharedPrompt(nn.Module):
         if self.n_task_tokens:
             stored[TASK_CONTEXT_KEY] = self.task_context(task).detach()
         return stored
+
+
+class TextAnchors(nn.Module):
+    """Each class's frozen text embedding of ``template`` (the fixed classifier and anchors of tppt and cma), added
+    task by task as buffers, so they follow the method across devices and are never stored: the frozen text tower
+    recomputes them exactly."""
+
+    def __init__(self, backbone: Backbone, template: str) -> None:
+        super().__init__()
+        self.backbone = [backbone]  # not a submodule: the method already registers the model
+        self.template = template
+        self.count = 0
+
+    def add(self, task: TaskInfo) -> None:
+        anchors = self.backbone[0].encode_texts([self.template.format(name) for name in task.classes])
+        self.register_buffer(f"task_{task.index}", anchors, persistent=False)
+        self.count += 1
+
+    def of(self, tasks: list[TaskInfo]) -> torch.Tensor:
+        """``[classes, dim]`` anchors of ``tasks``' classes, in task order."""
+        return torch.cat([getattr(self, f"task_{task.index}") for task in tasks])

@@ -1,0 +1,5 @@
+"""``python -m clipcl``: the same CLI as the ``clipcl`` command."""
+
+from .cli import main
+
+main()

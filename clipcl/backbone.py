@@ -322,14 +322,16 @@ def _pickle_free_loading() -> Iterator[None]:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over the base model's tensors (names, dtypes, shapes, bytes): identifies the weights however they
-    were obtained (a tag, the hub, a file), so adapters are never applied to a different base model."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    """sha256 over the base model's tensors (dtype, shape and bytes of each, in a canonical order independent of
+    their names): identifies the weights however they were obtained (a tag, the hub, a file), so adapters are never
+    applied to a different base model, while a library update that only renames parameters changes nothing."""
+    digests = []
+    for tensor in model.state_dict().values():
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest = hashlib.sha256(f"{data.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
+        digests.append(digest.hexdigest())
+    return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()
 
 
 def load_backbone(spec: ModelSpec, config_dir: Path | None = None, device: str | torch.device = "cpu") -> Backbone:

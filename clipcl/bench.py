@@ -275,6 +275,10 @@ def run_benchmark(split_dir: Path | str, methods: Sequence[str], model: str, pre
         raise ClipclError("--methods names no method")
     for spec in methods:
         parse_method_spec(spec)
+    folders = [workspace_name(spec) for spec in methods]
+    clashing = sorted({f for f in folders if folders.count(f) > 1})
+    if clashing:
+        raise ClipclError(f"--methods: two methods would share the workspace folder {clashing[0]}: write them apart")
     TrainOptions(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, workers=settings.workers,
                  epochs_stage2=settings.epochs_stage2).check()
     make_accelerator(settings.precision)

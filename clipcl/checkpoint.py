@@ -44,6 +44,7 @@ class EpochState:
     rng: dict[str, Any]
     seconds: float = 0.0
     images: int = 0
+    scaler: dict[str, Any] | None = None  # fp16's gradient scaler, where one is used
 
 
 def capture_rng() -> dict[str, Any]:
@@ -99,14 +100,15 @@ def _optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
 @dataclass
 class Checkpoint:
     """A run's identity (``run``: task, folder, fingerprint, settings) and its progress: ``stage`` (index into the
-    method's stages), that stage's :class:`EpochState`, the trained parameters by name, and the finished stages'
-    records."""
+    method's stages), that stage's :class:`EpochState`, the trained parameters by name, the finished stages'
+    records, and the random state each finished stage ended with (what its ``end_stage`` started from)."""
 
     run: dict[str, Any]
     stage: int
     state: EpochState
     parameters: dict[str, torch.Tensor]
     finished_stages: list[dict[str, Any]] = field(default_factory=list)
+    stage_rng: list[dict[str, Any]] = field(default_factory=list)
 
     @staticmethod
     def folder(workspace: Path) -> Path:
@@ -117,7 +119,8 @@ class Checkpoint:
         folder.mkdir(exist_ok=True)
         tensors: dict[str, torch.Tensor] = {f"param.{name}": p.detach().cpu() for name, p in self.parameters.items()}
         progress = _split_tensors({"optimizer": self.state.optimizer, "scheduler": self.state.scheduler,
-                                   "generator": self.state.generator, "rng": self.state.rng}, "state", tensors)
+                                   "generator": self.state.generator, "rng": self.state.rng,
+                                   "scaler": self.state.scaler, "stage_rng": self.stage_rng}, "state", tensors)
         data = tensors_to_bytes(tensors)
         tensor_file = f"{STATE_TENSORS_PREFIX}{uuid.uuid4().hex}.safetensors"
         atomic_write_bytes(folder / tensor_file, data)
@@ -154,9 +157,10 @@ class Checkpoint:
         tensors = load_tensor_file(cls.folder(workspace) / tensor_file, info["sha256"])
         progress = _join_tensors(info["progress"], tensors)
         state = EpochState(info["epochs_done"], _optimizer_state(progress["optimizer"]), progress["scheduler"],
-                           progress["generator"], progress["rng"], info["seconds"], info["images"])
+                           progress["generator"], progress["rng"], info["seconds"], info["images"],
+                           progress["scaler"])
         parameters = {name: tensors[f"param.{name}"] for name in info["parameters"]}
-        return cls(info["run"], info["stage"], state, parameters, info["finished_stages"])
+        return cls(info["run"], info["stage"], state, parameters, info["finished_stages"], progress["stage_rng"])
 
     @classmethod
     def discard(cls, workspace: Path) -> None:

@@ -69,6 +69,8 @@ class OneLineErrors(TyperGroup):
             typer.echo(f"error: {_one_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except OSError as exc:  # the machine, not the input: a full disk, a read-only folder, a vanished file
+            if os.environ.get(DEBUG_ENV):
+                raise
             where = f": {exc.filename}" if exc.filename else ""
             typer.echo(f"error: {exc.strerror or _one_line(str(exc))}{where}", err=True)
             sys.exit(1)
@@ -280,9 +282,20 @@ def tasks(
             "accuracy": details.get("accuracy"),
             "method": details.get("method") or {},
         })
+    try:
+        interrupted = Checkpoint.peek(ws.path)
+    except ClipclError:  # a damaged checkpoint: add-task says so and replaces it
+        interrupted = None
+    if interrupted is not None and interrupted["run"]["task"] != len(rows) + 1:
+        interrupted = None  # its task was committed; the next add-task removes it
+    resumable = None if interrupted is None else {
+        "task": interrupted["run"]["task"], "name": interrupted["run"]["name"],
+        "folder": interrupted["run"]["folder"], "stage": interrupted["stage"] + 1,
+        "epochs_done": interrupted["epochs_done"]}
     if as_json:
         summary = {"workspace": str(ws.path), "model": ws.model_spec.describe(), "method": ws.method_name,
-                   "method_config": ws.method_config, "classes": ws.classes, "tasks": rows}
+                   "method_config": ws.method_config, "classes": ws.classes, "tasks": rows,
+                   "interrupted": resumable}
         print(json.dumps(summary, indent=2))
         return
     out().print(f"[bold]{ws.path}[/]: model {ws.model_spec.describe()}, method {ws.method_name}, "
@@ -303,13 +316,9 @@ def tasks(
                       row["created_at"].replace("T", " ")[:16], _percent(accuracy.get("task")),
                       _percent(accuracy.get("all")), *((_method_notes(row["method"]),) if with_notes else ()))
     out().print(table)
-    try:
-        interrupted = Checkpoint.peek(ws.path)
-    except ClipclError:  # a damaged checkpoint: add-task says so and replaces it
-        interrupted = None
-    if interrupted is not None and interrupted["run"]["task"] == len(rows) + 1:
-        out().print(f"Interrupted: task {interrupted['run']['task']} ({escape(interrupted['run']['name'])}) stopped "
-                    f"after epoch {interrupted['epochs_done']} of stage {interrupted['stage'] + 1}; continue it with "
+    if resumable is not None:
+        out().print(f"Interrupted: task {resumable['task']} ({escape(resumable['name'])}) stopped after epoch "
+                    f"{resumable['epochs_done']} of stage {resumable['stage']}; continue it with "
                     "`clipcl add-task --resume`")
 
 

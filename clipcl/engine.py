@@ -174,6 +174,8 @@ def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs
         scheduler.load_state_dict(start.scheduler)
         generator.set_state(start.generator)
         restore_rng(start.rng)
+        if start.scaler is not None and getattr(accelerator, "scaler", None) is not None:
+            accelerator.scaler.load_state_dict(start.scaler)
         first_epoch, seen, previous_seconds = start.epochs_done, start.images, start.seconds
     model, optimizer, loader, scheduler = accelerator.prepare(method, optimizer, loader, scheduler)
     steps_per_process = epochs * len(loader)  # the scheduler is stepped once per process per step (Accelerate)
@@ -196,8 +198,10 @@ def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs
                 progress.stage_advance(1, loss=float(loss.detach()), images_per_s=seen / max(elapsed, 1e-9))
             progress.stage_end()
             if on_epoch is not None:
+                scaler = getattr(accelerator, "scaler", None)
                 on_epoch(EpochState(epoch + 1, optimizer.state_dict(), scheduler.state_dict(), generator.get_state(),
-                                    capture_rng(), previous_seconds + time.perf_counter() - started, seen))
+                                    capture_rng(), previous_seconds + time.perf_counter() - started, seen,
+                                    scaler.state_dict() if scaler is not None else None))
             failpoint("epoch")
     finally:
         model.eval()
@@ -309,22 +313,30 @@ def _check_new_classes(workspace: Workspace, data: TaskData) -> None:
 RESUMED_OPTIONS = ("epochs", "epochs_stage2", "batch_size", "lr", "seed", "holdout", "precision", "workers")
 
 
-def _run_identity(workspace: Workspace, task: TaskInfo, name: str, data: TaskData, options: TrainOptions
-                  ) -> dict[str, Any]:
+def _run_identity(workspace: Workspace, task: TaskInfo, name: str, data: TaskData, options: TrainOptions,
+                  processes: int) -> dict[str, Any]:
     """What a checkpoint must match to be continued: the same next task of the same workspace, the same folder
-    content, the same method and the same settings."""
+    content, the same method, the same settings and the same number of processes."""
     return {"task": task.index, "name": name, "folder": str(data.root), "fingerprint": data.fingerprint,
-            "method": workspace.method_name, "options": {key: getattr(options, key) for key in RESUMED_OPTIONS}}
+            "method": workspace.method_name, "options": {key: getattr(options, key) for key in RESUMED_OPTIONS},
+            "processes": processes}
 
 
-def _check_resumable(checkpoint: Checkpoint, identity: dict[str, Any]) -> None:
+def _check_resumable(checkpoint: Checkpoint, identity: dict[str, Any], workspace: Path) -> None:
     run = checkpoint.run
+    if run["task"] < identity["task"]:
+        Checkpoint.discard(workspace)
+        raise WorkspaceError(f"task {run['task']} ({run['name']}) was committed before the interruption: nothing "
+                             "to resume")
     if run["task"] != identity["task"] or run["method"] != identity["method"]:
         raise WorkspaceError(f"the interrupted run was task {run['task']} of method {run['method']}; the workspace "
                              f"now expects task {identity['task']}: start over without --resume")
     if run["fingerprint"] != identity["fingerprint"]:
         raise DataError(f"{identity['folder']} changed since the interrupted run (files added, removed or "
                         "modified): start over without --resume")
+    if run.get("processes", 1) != identity["processes"]:
+        raise ClipclError(f"the interrupted run used {run.get('processes', 1)} process(es), this one "
+                          f"{identity['processes']}: resume it the way it was started")
 
 
 def add_task(workspace_path: Path | str, folder: Path | str | None, options: TrainOptions | None = None,
@@ -340,12 +352,14 @@ def add_task(workspace_path: Path | str, folder: Path | str | None, options: Tra
     workspace = Workspace.open(workspace_path)
     checkpoint = None
     if resume:
-        checkpoint = Checkpoint.load(workspace.path)
-        stored_folder = checkpoint.run["folder"]
+        interrupted = Checkpoint.peek(workspace.path)  # its folder and settings; the whole of it is read under the lock
+        if interrupted is None:
+            raise WorkspaceError(f"nothing to resume in {workspace.path}: no add-task was interrupted after an epoch")
+        stored_folder = interrupted["run"]["folder"]
         if folder is not None and Path(folder).expanduser().resolve() != Path(stored_folder):
             raise ClipclError(f"--resume continues the interrupted run on {stored_folder}, not {folder}")
         folder = stored_folder
-        options = dataclasses.replace(options, name=checkpoint.run["name"], **checkpoint.run["options"])
+        options = dataclasses.replace(options, name=interrupted["run"]["name"], **interrupted["run"]["options"])
     elif folder is None:
         raise ClipclError("add-task needs a FOLDER (or --resume to continue an interrupted run)")
     options.check()
@@ -371,9 +385,10 @@ def add_task(workspace_path: Path | str, folder: Path | str | None, options: Tra
         epochs = method_class.default_epochs if options.epochs is None else options.epochs
         lr = options.lr or method_class.default_lr
         task = TaskInfo(index=workspace.next_task_index(), classes=tuple(data.classes), offset=len(workspace.classes))
-        identity = _run_identity(workspace, task, name, data, options)
-        if checkpoint is not None:
-            _check_resumable(checkpoint, identity)
+        identity = _run_identity(workspace, task, name, data, options, accelerator.num_processes)
+        if resume:
+            checkpoint = Checkpoint.load(workspace.path)
+            _check_resumable(checkpoint, identity, workspace.path)
             progress.info(f"resuming task {task.index} ({name}) after epoch {checkpoint.state.epochs_done} of stage "
                           f"{checkpoint.stage + 1}")
         elif (interrupted := _readable_checkpoint(workspace.path, progress)) is not None:
@@ -392,6 +407,7 @@ def add_task(workspace_path: Path | str, folder: Path | str | None, options: Tra
         later_epochs = epochs if options.epochs_stage2 is None else options.epochs_stage2
         stage_epochs = [epochs] + [later_epochs] * (len(method.stages) - 1)
         stages: list[dict[str, Any]] = list(checkpoint.finished_stages) if checkpoint is not None else []
+        stage_rng: list[dict[str, Any]] = list(checkpoint.stage_rng) if checkpoint is not None else []
         names = {id(param): param_name for param_name, param in method.named_parameters()}
         trained: dict[str, torch.nn.Parameter] = {}
         if checkpoint is not None:
@@ -406,14 +422,21 @@ def add_task(workspace_path: Path | str, folder: Path | str | None, options: Tra
                 start = checkpoint.state if number - 1 == checkpoint.stage else None
 
             def save_checkpoint(state: EpochState, stage_index: int = number - 1) -> None:
-                if accelerator.is_main_process:
-                    Checkpoint(identity, stage_index, state, trained, stages).save(workspace.path)
+                if not accelerator.is_main_process:
+                    return
+                try:
+                    Checkpoint(identity, stage_index, state, trained, stages, stage_rng).save(workspace.path)
+                except (OSError, TypeError, ValueError) as exc:  # a checkpoint is insurance: never stop training
+                    progress.warn(f"could not write the epoch checkpoint ({exc}); training goes on without it")
 
             if checkpoint is None or number - 1 >= checkpoint.stage:
                 run = train_method(method, train_set, accelerator, n_epochs, options.batch_size, lr, options.workers,
                                    options.seed, progress, label, start=start, on_epoch=save_checkpoint)
                 stages.append({"stage": stage, "epochs": n_epochs, "steps": run["steps"],
                                "train_s": round(run["seconds"], 3), "images": run["images"]})
+                stage_rng.append(capture_rng())  # what end_stage starts from, for a resume in a later stage
+            else:
+                restore_rng(checkpoint.stage_rng[number - 1])  # end_stage may draw (dmc-ot's calibration samples)
             if number < len(method.stages):
                 method.end_stage(stage, _advancing(_loader(stats_set, options.batch_size, options.workers), progress,
                                                    f"{label}statistics"))
@@ -498,11 +521,13 @@ def _writing_on_main(workspace: Workspace, accelerator: Any, wait: float, progre
     outcome: list[Any] = [None]
     try:
         held.__enter__()
-    except WorkspaceError as exc:
-        outcome = [str(exc)]
+    except BaseException as exc:  # tell the other ranks before stopping, or they wait in the broadcast
+        outcome = [str(exc) or type(exc).__name__]
         if accelerator.num_processes == 1:
             raise
-    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+        raise
+    if accelerator.num_processes > 1:  # the main rank's wait counts against the process group's timeout
         outcome = broadcast_object_list(outcome)
         if outcome[0] is not None:
             raise WorkspaceError(outcome[0])

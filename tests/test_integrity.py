@@ -111,6 +111,21 @@ def test_a_pickled_checkpoint_cannot_run_code(tmp_path: Path, tiny_config: Path,
     assert not marker.exists()
 
 
+def test_every_torch_load_under_clipcl_is_weights_only(tmp_path: Path, monkeypatch) -> None:
+    from clipcl.backbone import _pickle_free_loading
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": _RunsCode(marker)}, evil)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # what a user's environment might say
+    with _pickle_free_loading(), pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(evil, weights_only=False)  # even a caller that asks for pickles
+    assert not marker.exists()
+    import os
+
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"  # the environment is given back as it was
+
+
 def test_a_full_disk_during_the_commit_keeps_the_previous_state(trained: Path, task_factory, runner,
                                                                 monkeypatch) -> None:
     import clipcl.workspace

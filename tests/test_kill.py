@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -126,7 +127,8 @@ def test_sigkill_anywhere_leaves_a_working_workspace(case: str, base: dict, tmp_
     _kill_case(case, base, tmp_path)
 
 
-@pytest.mark.parametrize(("method", "failpoint"), [("dma", "epoch:1"), ("dmc", "epoch:3")])
+@pytest.mark.parametrize(("method", "failpoint"), [("dma", "epoch:1"), ("dmc", "epoch:1"), ("dmc-ot", "epoch:3"),
+                                                  ("cma", "epoch:1")])
 def test_resume_reaches_the_tensors_of_an_uninterrupted_run(method: str, failpoint: str, tmp_path: Path,
                                                             tiny_config: Path, tiny_weights: Path, runner) -> None:
     data = tmp_path / "data"
@@ -141,19 +143,25 @@ def test_resume_reaches_the_tensors_of_an_uninterrupted_run(method: str, failpoi
         workspaces.append(ws)
     straight, interrupted = workspaces
     second = make_task(data / "second", ["blue", "yellow"], per_class=8)
-    assert invoke(runner, "add-task", "-w", straight, second, *train).exit_code == 0
+    uninterrupted = invoke(runner, "add-task", "-w", straight, second, *train)
+    assert uninterrupted.exit_code == 0, uninterrupted.output
     killed = run_clipcl("add-task", "-w", interrupted, second, *train, failpoint=failpoint)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert (interrupted / ".resume" / "state.json").is_file()
     assert len(Workspace.open(interrupted).tasks) == 1
     listing = invoke(runner, "tasks", "-w", interrupted, env={"COLUMNS": "200"})
     assert "continue it with `clipcl add-task --resume`" in listing.stdout
+    as_json = json.loads(invoke(runner, "tasks", "-w", interrupted, "--json").stdout)
+    assert as_json["interrupted"]["task"] == 2 and as_json["interrupted"]["epochs_done"] >= 1
 
     conflicting = invoke(runner, "add-task", "-w", interrupted, "--resume", "--epochs", "3")
     assert conflicting.exit_code == 2 and "drop --epochs" in conflicting.stderr
     resumed = invoke(runner, "add-task", "-w", interrupted, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert "resuming task 2" in resumed.output
+    # only the epochs left ran (a restart from scratch would reach the same tensors, so this is what tells them apart)
+    epochs_before_kill = int(failpoint.split(":")[1])
+    assert _epoch_lines(resumed.output) == _epoch_lines(uninterrupted.output) - epochs_before_kill
     assert not (interrupted / ".resume").exists()
     expected = load_file(straight / "tasks/task-002/tensors.safetensors")
     got = load_file(interrupted / "tasks/task-002/tensors.safetensors")
@@ -163,6 +171,10 @@ def test_resume_reaches_the_tensors_of_an_uninterrupted_run(method: str, failpoi
     details = [json.loads((ws / "tasks/task-002/task.json").read_text()) for ws in workspaces]
     assert details[0]["accuracy"] == details[1]["accuracy"]
     assert details[0]["training"]["steps"] == details[1]["training"]["steps"]
+
+
+def _epoch_lines(output: str) -> int:
+    return sum(1 for line in output.splitlines() if re.search(r"epoch \d+/\d+", line))
 
 
 def test_resume_refuses_what_it_cannot_continue(workspace: Path, task_factory, runner) -> None:

@@ -53,7 +53,7 @@ def test_a_second_writer_fails_at_once_and_changes_nothing(workspace: Path, task
 
 
 def test_a_writer_with_wait_goes_on_when_the_other_finishes(workspace: Path, task_factory, runner) -> None:
-    holder = _hold_lock(workspace, 2)
+    holder = _hold_lock(workspace, 8)  # longer than add-task needs to reach the lock, even on a busy machine
     try:
         result = invoke(runner, "add-task", "-w", workspace, task_factory("a", ["red", "green"]), *FAST,
                         "--wait", "60")

@@ -106,3 +106,11 @@ def test_tppt_learns_and_keeps_old_tasks(name: str, tmp_path: Path, tiny_config:
     assert ("prompt.shared" in two) == (name == "tppt-vt")
     table = invoke(runner, "tasks", "-w", ws, env={"COLUMNS": "220"})
     assert "prompt change" in table.stdout
+
+
+def test_a_workspace_made_before_an_option_keeps_training_as_it_started() -> None:
+    method_class = get_method_class("tppt-v")
+    fresh = build_config(method_class)
+    assert fresh.ce_classes == "current"
+    stored = {k: v for k, v in vars(fresh).items() if k != "ce_classes"}  # a manifest written before the option
+    assert build_config(method_class, stored=stored).ce_classes == "seen"

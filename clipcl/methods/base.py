@@ -57,7 +57,13 @@ class Prediction:
 
 @dataclass
 class MethodConfig:
-    """Base of every method's hyperparameters; each field's ``metadata["help"]`` documents it."""
+    """Base of every method's hyperparameters; each field's ``metadata["help"]`` documents it.
+
+    ``stored_defaults`` holds the value an option had before it existed, for options added after workspaces were
+    made: a workspace keeps training the way it started when a newer clipcl adds an option or changes a default.
+    """
+
+    stored_defaults: ClassVar[dict[str, Any]] = {}
 
 
 class Method(nn.Module, ABC):
@@ -230,7 +236,7 @@ def build_config(method: type[Method], overrides: dict[str, str] | None = None,
     """A method's config from defaults, a stored manifest entry, and ``KEY=VALUE`` overrides from the CLI."""
     fields = {f.name: f for f in dataclasses.fields(method.config_class)}
     types = typing.get_type_hints(method.config_class)
-    values: dict[str, Any] = dict(stored or {})
+    values: dict[str, Any] = {**method.config_class.stored_defaults, **stored} if stored is not None else {}
     for key, value in (overrides or {}).items():
         if key not in fields:
             raise ClipclError(f"method {method.name} has no option {key!r} (options: {', '.join(fields) or 'none'})")

@@ -123,11 +123,18 @@ class BottleneckExperts(nn.Module):
         scores = self.router(route_input)
         top, chosen = scores.topk(self.top_k, dim=-1)  # [batch, k]
         gates = top.float().softmax(dim=-1).to(tokens.dtype)
-        down = torch.stack(list(self.down))[chosen]  # [batch, k, width, hidden]
-        hidden = torch.einsum("blw,bkwh->bklh", tokens, down) + torch.stack(list(self.down_bias))[chosen][:, :, None]
+        # each image's experts, picked by a one-hot product rather than indexing: the backward of an index gather
+        # accumulates in a thread-dependent order on the CPU, and resumed runs must reproduce uninterrupted ones
+        pick = F.one_hot(chosen, len(self.down)).to(tokens.dtype)  # [batch, k, experts]
+
+        def select(parameters: nn.ParameterList) -> torch.Tensor:
+            stacked = torch.stack(list(parameters))
+            return torch.einsum("bke,e...->bk...", pick, stacked)
+
+        hidden = torch.einsum("blw,bkwh->bklh", tokens, select(self.down)) + select(self.down_bias)[:, :, None]
         hidden = F.relu(hidden) * gates[:, :, None, None]
-        out = torch.einsum("bklh,bkhw->blw", hidden, torch.stack(list(self.up))[chosen])
-        out = out + torch.einsum("bk,bkw->bw", gates, torch.stack(list(self.up_bias))[chosen])[:, None]
+        out = torch.einsum("bklh,bkhw->blw", hidden, select(self.up))
+        out = out + torch.einsum("bk,bkw->bw", gates, select(self.up_bias))[:, None]
         weights = torch.zeros_like(scores, dtype=torch.float32).scatter(1, chosen, gates.float())
         return out, weights
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,8 @@ GATES_KEY = "vpt.gates"
 @dataclass
 class TPPTConfig(MethodConfig):
     """tppt-v's options: the visual prompts and the weight of the text-to-image term."""
+
+    stored_defaults: ClassVar[dict[str, Any]] = {"ce_classes": "seen"}  # workspaces made before the option
 
     prompt_tokens: int = field(default=8, metadata={"help": "visual prompt tokens per image-encoder block"})
     contrastive_weight: float = field(default=0.5, metadata={"help": "weight of the text-to-image contrastive term"})

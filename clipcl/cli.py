@@ -507,7 +507,7 @@ def _method_notes(metadata: dict[str, Any]) -> str:
         if "bytes" in key and isinstance(value, int):
             return _size(value)
         if isinstance(value, dict):
-            return "; ".join(f"{k} {shown(k, v)}" for k, v in value.items())
+            return "; ".join(f"{k}: {shown(k, v)}" for k, v in value.items())
         if isinstance(value, list):
             return ", ".join(map(str, value)) or "none"
         return str(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,9 @@ BAD_INPUT = [
     (["add-task", "-w", "{ws}", "{data}", "--name", "nul\x01byte"], "control characters"),
     (["add-task", "-w", "{ws}", "{data}", "--name", "x" * 300], "at most 100 characters"),
     (["add-task", "-w", "{ws}", "{data}", "--name", "   "], "cannot be empty"),
+    (["add-task", "-w", "{ws}", "{long_class}"], "class folder name is longer than 200 characters"),
+    (["add-task", "-w", "{ws}", "{control_class}"], "class folder name has control characters"),
+    (["add-task", "-w", "{ws}", "{long_folder}"], "a task name is at most 100 characters"),
     (["add-task", "-w", "{ws}", "{data}", "--lr", "-1"], "--lr must be positive"),
     (["add-task", "-w", "{ws}", "{data}", "--batch-size", "0"], "Invalid value for '--batch-size'"),
     (["add-task", "-w", "{ws}", "{data}", "--holdout", "1.5"], "Invalid value for '--holdout'"),
@@ -162,8 +166,14 @@ BAD_INPUT = [
 def test_bad_input_changes_nothing(trained: Path, tmp_path: Path, tiny_config: Path, runner, args: list[str],
                                    needle: str) -> None:
     data = make_task(tmp_path / "new", ["blue", "cyan"], per_class=4)
+    long_class = make_task(tmp_path / "long-class", ["blue"], per_class=2)
+    shutil.copytree(long_class / "blue", long_class / ("c" * 220))
+    control_class = make_task(tmp_path / "control-class", ["blue"], per_class=2)
+    shutil.copytree(control_class / "blue", control_class / "bell\x07class")
+    long_folder = make_task(tmp_path / ("f" * 150), ["blue", "cyan"], per_class=2)
     image = next((trained.parent / "data" / "first" / "red").iterdir())
-    values = {"ws": str(trained), "data": str(data), "image": str(image), "config": str(tiny_config)}
+    values = {"ws": str(trained), "data": str(data), "image": str(image), "config": str(tiny_config),
+              "long_class": str(long_class), "control_class": str(control_class), "long_folder": str(long_folder)}
     before = snapshot(trained)
     result = invoke(runner, *[a.format(**values) for a in args])
     assert_clean_failure(result, trained, before, needle)

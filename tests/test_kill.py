@@ -117,7 +117,7 @@ def test_sigkill_at_a_named_moment_leaves_a_working_workspace(case: str, base: d
 
 def _slow_cases() -> list[str]:
     timed = [f"after:{delay:.2f}" for delay in random.Random(7).sample([x / 4 for x in range(6, 40)], 14)]
-    return [c for c in NAMED if c not in DEFAULT_CASES] + ["step:1", "step:9", "epoch:2", "replace:1",
+    return [c for c in NAMED if c not in DEFAULT_CASES] + ["step:1", "step:4", "epoch:2", "replace:1",
                                                           "replace:2", "checkpoint:1"] + timed
 
 

@@ -3,7 +3,7 @@ interrupted run resumes to the tensors of an uninterrupted one.
 
 The harness runs ``python -m clipcl add-task`` as a subprocess and kills it either at a named failpoint
 (``CLIPCL_FAILPOINT``: after the scan, a training step, an epoch's checkpoint, each write of the commit) or after a
-random delay. A few cases run by default; the full set (``-m slow``) runs 24.
+random delay. Four cases run by default; the full set (``-m slow``) runs 26 more.
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ from safetensors.torch import load_file
 from clipcl import Workspace, predict_images
 
 TRAIN = ("--epochs", "2", "--batch-size", "8", "--workers", "0", "--lr", "5e-3")
-NAMED = ["scan", "step:3", "epoch:1", "checkpoint:2", "staged", "renamed", "replace:3", "committed"]
-DEFAULT_CASES = ["step:3", "epoch:1", "renamed", "replace:3"]
+# An add-task of 2 epochs makes 4 steps and 5 atomic replaces: each epoch's checkpoint tensors and JSON (1-4), then
+# the manifest (5), which is what commits the task.
+MANIFEST_WRITE = "replace:5"
+NAMED = ["scan", "step:3", "epoch:1", "checkpoint:2", "staged", "renamed", MANIFEST_WRITE, "committed"]
+DEFAULT_CASES = ["step:3", "epoch:1", "renamed", MANIFEST_WRITE]
 
 
 def run_clipcl(*args: str, failpoint: str | None = None, kill_after: float | None = None,
@@ -105,6 +108,8 @@ def _kill_case(case: str, base: dict, tmp_path: Path, retrain: bool = True) -> N
     else:
         result = run_clipcl("add-task", "-w", ws, base["second"], *TRAIN, failpoint=case)
         assert result.returncode == -signal.SIGKILL, result.stderr
+    if case == MANIFEST_WRITE:  # killed with the new manifest written aside, not yet renamed over the old one
+        assert [p.name for p in ws.iterdir() if p.name.endswith("manifest.json") and p.name != "manifest.json"]
     committed = check_survivor(ws, base, retrain)
     if case in ("committed",):
         assert committed == 2
@@ -118,7 +123,7 @@ def test_sigkill_at_a_named_moment_leaves_a_working_workspace(case: str, base: d
 def _slow_cases() -> list[str]:
     timed = [f"after:{delay:.2f}" for delay in random.Random(7).sample([x / 4 for x in range(6, 40)], 14)]
     return [c for c in NAMED if c not in DEFAULT_CASES] + ["step:1", "step:4", "epoch:2", "replace:1",
-                                                          "replace:2", "checkpoint:1"] + timed
+                                                          "replace:2", "replace:3", "replace:4", "checkpoint:1"] + timed
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,20 @@ class Checkpoint:
             raise WorkspaceError(f"{path} is not a checkpoint this clipcl can resume (format "
                                  f"{info.get('format') if isinstance(info, dict) else '?'}, reads {CHECKPOINT_FORMAT})")
         return info
+
+    @classmethod
+    def pending(cls, workspace: Path, next_task: int, on_damaged: Callable[[str], None] | None = None
+                ) -> dict[str, Any] | None:
+        """The JSON of the checkpoint an interrupted run of ``next_task`` left, or ``None``: none there, one whose task
+        was committed before the clean-up (nothing left to resume), or a damaged one (reported to ``on_damaged``).
+        Reads only, so readers of the workspace may call it without the lock."""
+        try:
+            info = cls.peek(workspace)
+        except WorkspaceError as exc:
+            if on_damaged is not None:
+                on_damaged(str(exc))
+            return None
+        return info if info is not None and info["run"]["task"] == next_task else None
 
     @classmethod
     def load(cls, workspace: Path) -> Checkpoint:

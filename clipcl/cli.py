@@ -282,12 +282,7 @@ def tasks(
             "accuracy": details.get("accuracy"),
             "method": details.get("method") or {},
         })
-    try:
-        interrupted = Checkpoint.peek(ws.path)
-    except ClipclError:  # a damaged checkpoint: add-task says so and replaces it
-        interrupted = None
-    if interrupted is not None and interrupted["run"]["task"] != len(rows) + 1:
-        interrupted = None  # its task was committed; the next add-task removes it
+    interrupted = Checkpoint.pending(ws.path, len(rows) + 1)  # add-task reports a damaged one and replaces it
     resumable = None if interrupted is None else {
         "task": interrupted["run"]["task"], "name": interrupted["run"]["name"],
         "folder": interrupted["run"]["folder"], "stage": interrupted["stage"] + 1,

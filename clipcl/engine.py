@@ -391,10 +391,12 @@ def add_task(workspace_path: Path | str, folder: Path | str | None, options: Tra
             _check_resumable(checkpoint, identity, workspace.path)
             progress.info(f"resuming task {task.index} ({name}) after epoch {checkpoint.state.epochs_done} of stage "
                           f"{checkpoint.stage + 1}")
-        elif (interrupted := _readable_checkpoint(workspace.path, progress)) is not None:
-            if interrupted["run"]["task"] < task.index:  # its task was committed; only the clean-up was cut short
-                Checkpoint.discard(workspace.path)
-            else:
+        else:
+            interrupted = Checkpoint.pending(workspace.path, task.index, on_damaged=lambda why: progress.warn(
+                f"ignoring a damaged checkpoint of an interrupted add-task ({why})"))
+            if interrupted is None and accelerator.is_main_process:
+                Checkpoint.discard(workspace.path)  # damaged, or its task committed: nothing there to resume
+            elif interrupted is not None:
                 progress.warn(f"starting over: the checkpoint of the interrupted add-task of "
                               f"{interrupted['run']['folder']} will be replaced (use --resume to continue it instead)")
         from accelerate.utils import set_seed
@@ -489,15 +491,6 @@ def add_task(workspace_path: Path | str, folder: Path | str | None, options: Tra
             stored = StoredTask(task, name, f"tasks/task-{task.index:03d}", {}, "")
         accelerator.wait_for_everyone()
     return TaskReport(stored, details, accelerator.is_main_process)
-
-
-def _readable_checkpoint(workspace: Path, progress: Progress) -> dict[str, Any] | None:
-    """An interrupted run's checkpoint, if one is there and readable; a damaged one never blocks a fresh run."""
-    try:
-        return Checkpoint.peek(workspace)
-    except ClipclError as exc:
-        progress.warn(f"ignoring a damaged checkpoint of an interrupted add-task ({exc}); it will be replaced")
-        return None
 
 
 def _load_parameters(method: Method, parameters: dict[str, torch.Tensor]) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import invoke, make_task
+from conftest import invoke, learn_two_tasks
 
 from clipcl import Workspace
 from clipcl.backbone import load_backbone, resolve_model_spec
@@ -72,13 +72,7 @@ def test_cma_learns_freezes_experts_and_keeps_them_frozen(tmp_path: Path, tiny_c
     result = invoke(runner, "init", "-w", ws, "--model", tiny_config, "--pretrained", tiny_weights, "--method", "cma",
                     "--set", "experts=4", "--set", "freeze_per_task=1")
     assert result.exit_code == 0, result.output
-    data = tmp_path / "data"
-    first = invoke(runner, "add-task", "-w", ws, make_task(data / "a", ["red", "green"]), *FAST)
-    assert first.exit_code == 0, first.output
-    stored = (ws / "tasks/task-001/tensors.safetensors").read_bytes()
-    second = invoke(runner, "add-task", "-w", ws, make_task(data / "b", ["blue", "yellow"]), *FAST)
-    assert second.exit_code == 0, second.output
-    assert (ws / "tasks/task-001/tensors.safetensors").read_bytes() == stored
+    learn_two_tasks(runner, ws, tmp_path / "data", *FAST)
 
     workspace = Workspace.open(ws)
     details = [workspace.task_json(t) for t in workspace.tasks]

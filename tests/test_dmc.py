@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, invoke
+from conftest import FAST, invoke, learn_two_tasks
 
 from clipcl import Workspace
 from clipcl.methods.gaussian import ClassGaussian, GaussianBank, calibrate, estimate, sample, transport_plan
@@ -108,14 +108,8 @@ def _init(runner, tmp_path: Path, tiny_config: Path, tiny_weights: Path, method:
 def test_two_stage_methods_learn_and_keep_old_tasks(method: str, tmp_path: Path, tiny_config: Path,
                                                     tiny_weights: Path, task_factory, runner) -> None:
     ws = _init(runner, tmp_path, tiny_config, tiny_weights, method)
-    first = invoke(runner, "add-task", "-w", ws, task_factory("a", ["red", "green"]), *FAST)
-    assert first.exit_code == 0, first.output
+    first, _ = learn_two_tasks(runner, ws, tmp_path / "data", *FAST, second_args=("--epochs-stage2", "5"))
     assert "stage 1 (image encoder): epoch 3/3" in first.stderr and "stage 2 (text prompts): epoch 3/3" in first.stderr
-    stored = (ws / "tasks/task-001/tensors.safetensors").read_bytes()
-    second = invoke(runner, "add-task", "-w", ws, task_factory("b", ["blue", "yellow"]), *FAST,
-                    "--epochs-stage2", "5")
-    assert second.exit_code == 0, second.output
-    assert (ws / "tasks/task-001/tensors.safetensors").read_bytes() == stored
     workspace = Workspace.open(ws)
     details = [workspace.task_json(t) for t in workspace.tasks]
     assert details[0]["accuracy"]["task"] >= 0.8

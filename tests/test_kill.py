@@ -196,3 +196,11 @@ def test_resume_refuses_what_it_cannot_continue(workspace: Path, task_factory, r
     changed = invoke(runner, "add-task", "-w", workspace, "--resume")
     assert changed.exit_code == 2 and "changed since the interrupted run" in changed.stderr
     assert snapshot(workspace) == before
+
+    # a damaged checkpoint blocks neither readers nor a fresh run, which says so and leaves no checkpoint behind
+    (workspace / ".resume" / "state.json").write_text("{ not json")
+    assert invoke(runner, "tasks", "-w", workspace).exit_code == 0
+    fresh = invoke(runner, "add-task", "-w", workspace, folder, "--epochs", "1", "--batch-size", "4", "--workers", "0")
+    assert fresh.exit_code == 0, fresh.output
+    assert "ignoring a damaged checkpoint" in fresh.stderr
+    assert not (workspace / ".resume").exists()

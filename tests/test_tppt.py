@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, invoke, make_task
+from conftest import TINY_CONFIG, invoke, learn_two_tasks
 
 from clipcl import Workspace
 from clipcl.backbone import load_backbone, resolve_model_spec
@@ -87,15 +87,9 @@ def test_tppt_learns_and_keeps_old_tasks(name: str, tmp_path: Path, tiny_config:
                                          runner) -> None:
     ws = tmp_path / name
     invoke(runner, "init", "-w", ws, "--model", tiny_config, "--pretrained", tiny_weights, "--method", name)
-    data = tmp_path / "data"
-    # the prompts' gates start at zero, so a few steps need a larger rate than the method's default
-    fast = ("--epochs", "5", "--batch-size", "8", "--workers", "0", "--lr", "5e-2")
-    first = invoke(runner, "add-task", "-w", ws, make_task(data / "a", ["red", "green"]), *fast)
-    assert first.exit_code == 0, first.output
-    stored = (ws / "tasks/task-001/tensors.safetensors").read_bytes()
-    second = invoke(runner, "add-task", "-w", ws, make_task(data / "b", ["blue", "yellow"]), *fast)
-    assert second.exit_code == 0, second.output
-    assert (ws / "tasks/task-001/tensors.safetensors").read_bytes() == stored
+    # the prompts' gates start at zero, so a few steps need a larger rate than the default for generated data
+    learn_two_tasks(runner, ws, tmp_path / "data", "--epochs", "5", "--batch-size", "8", "--workers", "0",
+                    "--lr", "5e-2")
     workspace = Workspace.open(ws)
     details = [workspace.task_json(t) for t in workspace.tasks]
     assert details[0]["accuracy"]["task"] >= 0.8  # learned (chance 0.5)

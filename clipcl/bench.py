@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .backbone import resolve_model_spec
-from .data import class_folders, task_layout
+from .data import ImageItem, class_folders, list_images, stratified_split, task_layout
 from .engine import (
     Progress,
     TrainOptions,
@@ -44,6 +44,7 @@ from .storage import atomic_write_json
 from .workspace import Workspace, now_iso
 
 JOINT = "joint"
+VALIDATION_FOLDER = "validation-split"
 JOINT_METHOD = "finetune"
 TASK_FOLDER = re.compile(r"task-(\d+)")
 
@@ -60,6 +61,14 @@ class BenchSettings:
     workers: int = 0
     precision: str = "fp32"
     max_tasks: int | None = None
+    validation: float | None = None  # share of each task's training images kept as its test set (test/ unread)
+
+    def check(self) -> None:
+        """Refuse settings that cannot run, before anything is read."""
+        TrainOptions(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, workers=self.workers,
+                     epochs_stage2=self.epochs_stage2).check()
+        if self.validation is not None and not 0 < self.validation < 1:
+            raise ClipclError(f"--validation must be a share between 0 and 1 (e.g. 0.2), got {self.validation}")
 
 
 @dataclass
@@ -77,6 +86,8 @@ class MethodResult:
     train_images_per_s: float | None
     total_s: float
     task_id_accuracy: float | None = None
+    encoder_passes_per_image: float | None = None  # in the evaluation after the last task
+    eval_s: float | None = None  # wall time of the evaluation after the last task
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -91,9 +102,9 @@ class MethodResult:
                    **more)
 
 
-def split_tasks(split_dir: Path | str, max_tasks: int | None = None) -> list[Path]:
-    """``task-1 ... task-N`` of a split folder, in order, each checked to hold a train and a test split and classes
-    of its own, before anything trains."""
+def split_tasks(split_dir: Path | str, max_tasks: int | None = None, need_test: bool = True) -> list[Path]:
+    """``task-1 ... task-N`` of a split folder, in order, each checked to hold a train and (with ``need_test``) a
+    test split and classes of its own, before anything trains."""
     root = Path(split_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"split folder not found: {root}")
@@ -117,7 +128,7 @@ def split_tasks(split_dir: Path | str, max_tasks: int | None = None) -> list[Pat
     owner: dict[str, str] = {}
     for folder in tasks:
         layout = task_layout(folder.resolve())
-        if layout.test_dir is None:
+        if need_test and layout.test_dir is None:
             raise DataError(f"{folder} has no train/ and test/ (or val/) split: a benchmark needs fixed test sets")
         for name in layout.classes:
             if name.casefold() in owner:
@@ -125,6 +136,32 @@ def split_tasks(split_dir: Path | str, max_tasks: int | None = None) -> list[Pat
                                 "the tasks of a split must have disjoint classes")
             owner[name.casefold()] = folder.name
     return tasks
+
+
+def validation_split(tasks: Sequence[Path], fraction: float, seed: int, target: Path) -> list[Path]:
+    """Each task's *training* images split into ``target/task-N/train`` and ``target/task-N/test`` (links to the
+    original files): a seeded, stratified ``fraction`` of each class becomes the test set, so that settings are
+    chosen without the real test images. Nothing under a task's ``test/`` folder is listed or read."""
+    views = []
+    for folder in tasks:
+        layout = task_layout(folder.resolve())
+        items, sources = [], {}
+        for label, class_dir in enumerate(layout.class_dirs):
+            for path in list_images(class_dir):
+                relpath = f"{class_dir.name}/{path.relative_to(class_dir).as_posix()}"
+                items.append(ImageItem(relpath, label))
+                sources[relpath] = path
+        train, test = stratified_split(items, fraction, seed)
+        view = target / folder.name
+        for split, chosen in (("train", train), ("test", test)):
+            for class_dir in layout.class_dirs:
+                (view / split / class_dir.name).mkdir(parents=True, exist_ok=True)
+            for item in chosen:
+                link = view / split / item.relpath
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(sources[item.relpath].resolve())
+        views.append(view)
+    return views
 
 
 def _options(settings: BenchSettings, method: str, name: str, evaluate: bool = True) -> TrainOptions:
@@ -172,8 +209,10 @@ def run_incremental(method: str, tasks: Sequence[Path], workspace_dir: Path, mod
     workspace = Workspace.open(workspace_dir)
     details = [workspace.task_json(t) for t in workspace.tasks]
     matrix, sizes = stored_matrix(details)
-    return MethodResult.from_matrix(method, matrix, sizes, details, started,
-                                    task_id_accuracy=(details[-1].get("accuracy") or {}).get("task_id"))
+    last = details[-1].get("accuracy") or {}
+    return MethodResult.from_matrix(method, matrix, sizes, details, started, task_id_accuracy=last.get("task_id"),
+                                    encoder_passes_per_image=last.get("encoder_passes_per_image"),
+                                    eval_s=details[-1]["timings"].get("eval_s"))
 
 
 def _link_joint_folder(tasks: Sequence[Path], target: Path) -> list[list[str]]:
@@ -206,11 +245,13 @@ def run_joint(tasks: Sequence[Path], workspace_dir: Path, model: str, pretrained
     if dataset is None:
         raise DataError("the joint task has no test images")
     progress.stage_start("evaluating", -(-len(dataset) // settings.batch_size))
-    probs, labels, _ = predict_dataset(method, dataset, accelerator, settings.batch_size, settings.workers, progress)
+    eval_started = time.perf_counter()
+    result = predict_dataset(method, dataset, accelerator, settings.batch_size, settings.workers, progress)
     progress.stage_end()
-    matrix, sizes = seen_class_matrix(probs, labels, method.classes, task_classes)
+    matrix, sizes = seen_class_matrix(result.probs, result.labels, method.classes, task_classes)
     return MethodResult.from_matrix(JOINT, matrix, sizes, [report.details], started,
-                                    extra={"trained_as": JOINT_METHOD})
+                                    encoder_passes_per_image=float(result.encoder_passes.mean()),
+                                    eval_s=time.perf_counter() - eval_started, extra={"trained_as": JOINT_METHOD})
 
 
 def seen_class_matrix(probs: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
@@ -279,11 +320,10 @@ def run_benchmark(split_dir: Path | str, methods: Sequence[str], model: str, pre
     clashing = sorted({f for f in folders if folders.count(f) > 1})
     if clashing:
         raise ClipclError(f"--methods: two methods would share the workspace folder {clashing[0]}: write them apart")
-    TrainOptions(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, workers=settings.workers,
-                 epochs_stage2=settings.epochs_stage2).check()
+    settings.check()
     make_accelerator(settings.precision)
     out_path = check_output_file(out) if out is not None else None
-    tasks = split_tasks(split_dir, settings.max_tasks)
+    tasks = split_tasks(split_dir, settings.max_tasks, need_test=settings.validation is None)
     resolve_model_spec(model, pretrained)  # a wrong model fails here, not after the first method has trained
     keep = Path(keep_workspaces).expanduser() if keep_workspaces is not None else None
     if keep is not None:
@@ -291,6 +331,7 @@ def run_benchmark(split_dir: Path | str, methods: Sequence[str], model: str, pre
             raise ClipclError(f"--workspaces: {keep} exists and is not a folder")
         folders = [keep / workspace_name(m) for m in methods]
         taken = [p.name for folder in folders for p in (folder, joint_data_folder(folder)) if p.exists()]
+        taken += [VALIDATION_FOLDER] if (keep / VALIDATION_FOLDER).exists() else []
         if taken:
             raise ClipclError(f"{keep} already holds {', '.join(taken)}: choose an empty folder for --workspaces")
         keep.mkdir(parents=True, exist_ok=True)
@@ -300,6 +341,8 @@ def run_benchmark(split_dir: Path | str, methods: Sequence[str], model: str, pre
         "model": model,
         "pretrained": pretrained,
         "settings": dataclasses.asdict(settings),
+        "evaluated_on": "test" if settings.validation is None else f"validation ({settings.validation:g} of each "
+                        "task's training images; test/ folders unread)",
         "started_at": now_iso(),
         "finished_at": None,
         "hardware": hardware(),
@@ -308,6 +351,8 @@ def run_benchmark(split_dir: Path | str, methods: Sequence[str], model: str, pre
     }
     with tempfile.TemporaryDirectory(prefix="clipcl-bench-") as scratch:
         base = keep if keep is not None else Path(scratch)
+        if settings.validation is not None:
+            tasks = validation_split(tasks, settings.validation, settings.seed, base / VALIDATION_FOLDER)
         for spec in methods:
             if spec == JOINT:
                 result = run_joint(tasks, base / JOINT, model, pretrained, settings, progress)

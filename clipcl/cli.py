@@ -101,11 +101,19 @@ WorkspaceOption = Annotated[
 
 
 RouteOption = Annotated[
-    int | None,
-    typer.Option(help="Run only the K best-matching tasks' adapters per image (methods that route by task, e.g. "
-                      "dma); default: every task's.", metavar="K", show_default=False),
+    str | None,
+    typer.Option(help="Run only the K best-matching tasks' adapters per image, or 'all' for every task's (methods "
+                      "that route by task, e.g. dma); default: the method's own K, recorded in the workspace.",
+                 metavar="K|all", show_default=False),
 ]
 PrecisionOption = Annotated[str, typer.Option(help=f"One of {', '.join(PRECISIONS)}.")]
+InferenceSetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", metavar="KEY=VALUE",
+                 help="Use another value of an inference option for this command only, e.g. --set router=mahalanobis "
+                      "(dma: router, router_shrinkage, text_weight, adapted_weight, fit_weight, route); nothing is "
+                      "stored."),
+]
 WorkersOption = Annotated[int, typer.Option(help="Data-loading worker processes.", min=0)]
 
 
@@ -334,6 +342,7 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image and line.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 32,
     route: RouteOption = None,
+    set_: InferenceSetOption = None,
     workers: WorkersOption = DEFAULT_WORKERS,
     precision: PrecisionOption = "fp32",
 ) -> None:
@@ -348,7 +357,7 @@ def predict(
     if not files:
         raise ClipclError(f"no image found at {', '.join(paths)}")
     predictions = predict_images(workspace, files, top_k=top_k, route=route, batch_size=batch_size, workers=workers,
-                                 precision=precision)
+                                 precision=precision, options=_parse_sets(set_ or []))
     failures = 0
 
     def report_error(path: str, message: str) -> None:
@@ -395,6 +404,7 @@ def eval_command(
                                                    "task curve to this image (.png, .svg, .pdf).",
                                               show_default=False)] = None,
     route: RouteOption = None,
+    set_: InferenceSetOption = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 64,
     workers: WorkersOption = DEFAULT_WORKERS,
     precision: PrecisionOption = "fp32",
@@ -410,7 +420,7 @@ def eval_command(
     if plot is not None:
         check_plot_path(plot)
     report = evaluate(workspace, tasks_, route=route, batch_size=batch_size, workers=workers, precision=precision,
-                      progress=RichProgress())
+                      progress=RichProgress(), options=_parse_sets(set_ or []))
     if not report.is_main_process:
         return
     if plot is not None:
@@ -423,7 +433,7 @@ def eval_command(
         return
     ev = report.evaluation
     routed = ev.task_id_accuracy is not None
-    route_text = f", route {route}" if route is not None else ""
+    route_text = f", route {report.route}" if report.route is not None else ""
     table = Table(title=f"held-out accuracy now ({len(report.workspace.classes)} classes{route_text})")
     for column, justify in (("task", "right"), ("name", "left"), ("classes", "right"), ("images", "right"),
                             ("accuracy", "right"), *((("task-id", "right"),) if routed else ())):
@@ -447,6 +457,8 @@ def eval_command(
     m = report.metrics
     out().print(f"Avg {_metric(m.avg)}  Last {_metric(m.last)}  Forgetting {_metric(m.forgetting)}  "
                 f"BWT {_metric(m.bwt, signed=True)}  (percent)")
+    if ev.encoder_passes_per_image is not None:
+        out().print(f"image-encoder passes per image: {ev.encoder_passes_per_image:.2f}")
 
 
 @app.command()
@@ -469,6 +481,10 @@ def bench(
     seed: Annotated[int, typer.Option(help="Seed for every method.")] = 0,
     tasks_: Annotated[int | None, typer.Option("--tasks", help="Use only the first N tasks.", min=1,
                                                show_default=False)] = None,
+    validation: Annotated[float | None, typer.Option(help="Choose settings, not report: keep this seeded, "
+                                                         "stratified share of each task's training images as its "
+                                                         "test set (e.g. 0.2); the test/ folders are never read.",
+                                                    metavar="FRACTION", show_default=False)] = None,
     precision: PrecisionOption = "fp32",
     workers: WorkersOption = DEFAULT_WORKERS,
     out_file: Annotated[Path | None, typer.Option("--out", help="Write the results as JSON to this file.",
@@ -476,24 +492,39 @@ def bench(
     workspaces: Annotated[Path | None, typer.Option(help="Keep each method's workspace in this folder "
                                                          "(default: temporary, removed).", show_default=False)
                           ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw every method's accuracy after each task to this image "
+                                                   "(.png, .svg, .pdf).", show_default=False)] = None,
 ) -> None:
     """Run methods on a class-incremental split, each in a fresh workspace, and compare Avg, Last, Forgetting."""
     from .bench import BenchSettings, run_benchmark
+    from .plot import check_plot_path, plot_methods
+
+    if plot is not None:
+        check_plot_path(plot)
 
     settings = BenchSettings(epochs=epochs, epochs_stage2=epochs_stage2, batch_size=batch_size, lr=lr, seed=seed,
-                             workers=workers, precision=precision, max_tasks=tasks_)
+                             workers=workers, precision=precision, max_tasks=tasks_, validation=validation)
     results = run_benchmark(split_dir, methods.split(","), model, pretrained, settings, RichProgress(), workspaces,
                             out_file)
-    table = Table(title=f"{Path(results['split']).name}: {len(results['tasks'])} tasks, model {model}")
-    for column in ("method", "Avg", "Last", "Forgetting", "BWT", "train time", "train img/s"):
+    table = Table(title=f"{Path(results['split']).name}: {len(results['tasks'])} tasks, model {model}, "
+                        f"evaluated on {results['evaluated_on']}")
+    for column in ("method", "Avg", "Last", "Forgetting", "BWT", "task-id", "passes/img", "train time",
+                   "train img/s", "last eval"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in results["methods"]:
+        passes = row.get("encoder_passes_per_image")
         table.add_row(row["method"], _metric(row["avg"]), _metric(row["last"]), _metric(row["forgetting"]),
-                      _metric(row["bwt"], signed=True), f"{row['train_s']:.1f}s",
-                      "-" if row["train_images_per_s"] is None else f"{row['train_images_per_s']:.1f}")
+                      _metric(row["bwt"], signed=True), _metric(row.get("task_id_accuracy")),
+                      "-" if passes is None else f"{passes:.2f}", f"{row['train_s']:.1f}s",
+                      "-" if row["train_images_per_s"] is None else f"{row['train_images_per_s']:.1f}",
+                      "-" if row.get("eval_s") is None else f"{row['eval_s']:.1f}s")
     out().print(table)
     if out_file is not None:
         out().print(f"Wrote {escape(str(out_file))}")
+    if plot is not None:
+        curves = {row["method"]: row["accuracy_after_task"] for row in results["methods"]}
+        plot_methods(plot, curves, title=f"{Path(results['split']).name} ({results['evaluated_on'].split(' (')[0]})")
+        out().print(f"Wrote {escape(str(plot))}")
 
 
 def _method_notes(metadata: dict[str, Any]) -> str:

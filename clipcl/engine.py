@@ -27,7 +27,7 @@ from .checkpoint import Checkpoint, EpochState, capture_rng, restore_rng
 from .data import ImageDataset, ImageItem, TaskData, scan_task_folder
 from .errors import ClipclError, DataError, WorkspaceError
 from .failpoints import failpoint
-from .methods import Method, TaskInfo, get_method_class
+from .methods import Method, Route, TaskInfo, get_method_class
 from .workspace import StoredTask, Workspace, validate_task_name
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -210,29 +210,43 @@ def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs
     return {"steps": steps_per_process, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9), "images": seen}
 
 
+@dataclass
+class DatasetPrediction:
+    """A method's answer for every image of a dataset: probabilities over all classes, labels, the router's task
+    scores (``None`` for methods that do not route) and how many image-encoder passes each image took."""
+
+    probs: torch.Tensor
+    labels: torch.Tensor
+    task_scores: torch.Tensor | None
+    encoder_passes: torch.Tensor  # [images], float
+
+
 @torch.no_grad()
 def predict_dataset(method: Method, dataset: torch.utils.data.Dataset, accelerator: Any, batch_size: int,
-                    workers: int, progress: Progress | None = None, route: int | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Probabilities over all classes, labels, and the router's task scores (``None`` for methods that do not
-    route) for every image of ``dataset``, gathered across processes."""
+                    workers: int, progress: Progress | None = None, route: Route = None) -> DatasetPrediction:
+    """Predict every image of ``dataset`` with ``method`` (gathered across processes)."""
     loader = accelerator.prepare(_loader(dataset, batch_size, workers))
-    probs, labels, task_scores = [], [], []
+    probs, labels, task_scores, passes = [], [], [], []
     for images, batch_labels in loader:
         with accelerator.autocast():
             prediction = method.predict(images.to(method.device), route=route)
+        rows = len(batch_labels)
+        per_image = (prediction.encoder_passes if prediction.encoder_passes is not None else rows) / max(rows, 1)
         gathered = accelerator.gather_for_metrics(
-            (prediction.probs.float(), batch_labels,
+            (prediction.probs.float(), batch_labels, torch.full((rows,), float(per_image), device=batch_labels.device),
              *(() if prediction.task_scores is None else (prediction.task_scores.float(),))))
         probs.append(gathered[0].cpu())
         labels.append(gathered[1].cpu())
-        if len(gathered) == 3:
-            task_scores.append(gathered[2].cpu())
+        passes.append(gathered[2].cpu())
+        if len(gathered) == 4:
+            task_scores.append(gathered[3].cpu())
         if progress is not None:
             progress.stage_advance(1)
     if not probs:
-        return torch.empty(0, len(method.classes)), torch.empty(0, dtype=torch.long), None
-    return torch.cat(probs), torch.cat(labels), torch.cat(task_scores) if task_scores else None
+        return DatasetPrediction(torch.empty(0, len(method.classes)), torch.empty(0, dtype=torch.long), None,
+                                 torch.empty(0))
+    return DatasetPrediction(torch.cat(probs), torch.cat(labels), torch.cat(task_scores) if task_scores else None,
+                             torch.cat(passes))
 
 
 def heldout_dataset(method: Method, task: TaskInfo, details: dict[str, Any]) -> ImageDataset | None:
@@ -250,6 +264,7 @@ class Evaluation:
 
     ``task_id_*`` is the share of images whose best-scored task is their own, for methods that route by task
     (``None`` otherwise). A task whose held-out images are gone has ``None`` and 0 images.
+    ``encoder_passes_per_image``: image-encoder passes per evaluated image (1 for single-pass methods).
     """
 
     per_task: list[float | None]
@@ -257,6 +272,7 @@ class Evaluation:
     accuracy: float | None
     task_id_per_task: list[float | None]
     task_id_accuracy: float | None
+    encoder_passes_per_image: float | None = None
 
 
 def _share(hits: int, total: int) -> float | None:
@@ -264,12 +280,13 @@ def _share(hits: int, total: int) -> float | None:
 
 
 def evaluate_tasks(method: Method, sets: Sequence[tuple[TaskInfo, ImageDataset | None]], accelerator: Any,
-                   batch_size: int, workers: int, progress: Progress, route: int | None = None) -> Evaluation:
+                   batch_size: int, workers: int, progress: Progress, route: Route = None) -> Evaluation:
     """Evaluate ``method`` on each task's held-out set (``None``: images gone, warned about and left out)."""
     per_task: list[float | None] = []
     images: list[int] = []
     task_id: list[float | None] = []
     correct_total = count_total = routed_total = 0
+    passes_total = 0.0
     total_batches = sum(math.ceil(len(ds) / batch_size) for _, ds in sets if ds is not None)
     progress.stage_start("evaluating", total_batches)
     for task, dataset in sets:
@@ -280,23 +297,25 @@ def evaluate_tasks(method: Method, sets: Sequence[tuple[TaskInfo, ImageDataset |
             images.append(0)
             task_id.append(None)
             continue
-        probs, labels, task_scores = predict_dataset(method, dataset, accelerator, batch_size, workers, progress,
-                                                     route)
-        correct = int((probs.argmax(dim=1) == labels).sum())
+        result = predict_dataset(method, dataset, accelerator, batch_size, workers, progress, route)
+        labels = result.labels
+        correct = int((result.probs.argmax(dim=1) == labels).sum())
         per_task.append(_share(correct, len(labels)))
         images.append(len(labels))
         correct_total += correct
         count_total += len(labels)
-        if task_scores is None:
+        passes_total += float(result.encoder_passes.sum())
+        if result.task_scores is None:
             task_id.append(None)
         else:
-            routed = int((task_scores.argmax(dim=1) == task.index - 1).sum())
+            routed = int((result.task_scores.argmax(dim=1) == task.index - 1).sum())
             task_id.append(_share(routed, len(labels)))
             routed_total += routed
     progress.stage_end()
     routes = any(value is not None for value in task_id)
     return Evaluation(per_task, images, _share(correct_total, count_total), task_id,
-                      _share(routed_total, count_total) if routes else None)
+                      _share(routed_total, count_total) if routes else None,
+                      passes_total / count_total if count_total else None)
 
 
 def _check_new_classes(workspace: Workspace, data: TaskData) -> None:
@@ -478,7 +497,8 @@ def add_task(workspace_path: Path | str, folder: Path | str | None, options: Tra
                          if data.test else None))
             result = evaluate_tasks(method, sets, accelerator, options.batch_size, options.workers, progress)
             details["accuracy"] = {"task": result.per_task[-1], "all": result.accuracy, "per_task": result.per_task,
-                                   "task_id": result.task_id_accuracy}
+                                   "task_id": result.task_id_accuracy,
+                                   "encoder_passes_per_image": result.encoder_passes_per_image}
             details["timings"]["eval_s"] = round(time.perf_counter() - eval_started, 3)
 
         tensors = method.task_tensors(task)

@@ -28,7 +28,7 @@ from .engine import (
     require_single_process,
 )
 from .errors import ClipclError
-from .methods import Method, get_method_class
+from .methods import Method, Route, build_config, check_inference_overrides, get_method_class, parse_route
 from .metrics import ContinualMetrics, continual_metrics
 from .workspace import StoredTask, Workspace
 
@@ -59,15 +59,22 @@ def select_tasks(workspace: Workspace, selection: str = "all") -> list[StoredTas
     return sorted(chosen, key=lambda t: t.info.index)
 
 
-def check_route(workspace: Workspace, route: int | None) -> None:
-    """Refuse ``--route`` for a method that does not route by task, or a K below 1, before any model is loaded."""
+def check_route(workspace: Workspace, route: int | str | None) -> Route:
+    """``route`` checked (see :func:`~clipcl.methods.parse_route`): refused for a method that does not route by
+    task, or a K below 1, before any model is loaded."""
+    route = parse_route(route)
     if route is None:
-        return
-    method_class = get_method_class(workspace.method_name)
-    if not method_class.routes_tasks:
+        return None
+    if not get_method_class(workspace.method_name).routes_tasks:
         raise ClipclError(f"method {workspace.method_name} does not route by task: drop --route")
-    if route < 1:
-        raise ClipclError(f"--route must be at least 1, got {route}")
+    return route
+
+
+def _check_options(workspace: Workspace, options: dict[str, str] | None) -> None:
+    """Refuse inference overrides that are not inference options, or whose values are wrong, before loading."""
+    method_class = get_method_class(workspace.method_name)
+    check_inference_overrides(method_class, options)
+    build_config(method_class, options, stored=workspace.method_config)
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------------
@@ -94,7 +101,7 @@ class EvalReport:
     workspace: Workspace
     tasks: list[StoredTask]
     evaluation: Evaluation
-    route: int | None
+    route: Route
     matrix: list[list[float | None]]
     metrics: ContinualMetrics
     is_main_process: bool = True
@@ -112,6 +119,7 @@ class EvalReport:
             ],
             "accuracy": ev.accuracy,
             "task_id_accuracy": ev.task_id_accuracy,
+            "encoder_passes_per_image": ev.encoder_passes_per_image,
             "matrix": self.matrix,
             "accuracy_after_task": self.metrics.accuracy_after_task,
             "avg": self.metrics.avg,
@@ -121,18 +129,21 @@ class EvalReport:
         }
 
 
-def evaluate(workspace_path: Path | str, tasks: str = "all", route: int | None = None, batch_size: int = 64,
-             workers: int = 0, precision: str = "fp32", progress: Progress | None = None) -> EvalReport:
-    """Evaluate the workspace on the held-out images of ``tasks``, predicting over every class learned so far."""
+def evaluate(workspace_path: Path | str, tasks: str = "all", route: int | str | None = None, batch_size: int = 64,
+             workers: int = 0, precision: str = "fp32", progress: Progress | None = None,
+             options: dict[str, str] | None = None) -> EvalReport:
+    """Evaluate the workspace on the held-out images of ``tasks``, predicting over every class learned so far;
+    ``options`` override the method's inference options for this evaluation (nothing is stored)."""
     progress = progress or Progress()
     workspace = Workspace.open(workspace_path)
     chosen = select_tasks(workspace, tasks)
-    check_route(workspace, route)
+    route = check_route(workspace, route)
+    _check_options(workspace, options)
     check_loader_options(batch_size, workers)
     details = {t.info.index: workspace.task_json(t) for t in workspace.tasks}  # each task.json read once
     matrix, sizes = stored_matrix(list(details.values()))
     accelerator = make_accelerator(precision)
-    method = workspace.build_method(device=accelerator.device)
+    method = workspace.build_method(device=accelerator.device, overrides=options)
     sets = [(t.info, heldout_dataset(method, t.info, details[t.info.index])) for t in chosen]
     evaluation = evaluate_tasks(method, sets, accelerator, batch_size, workers, progress, route=route)
     return EvalReport(workspace, chosen, evaluation, route, matrix, continual_metrics(matrix, sizes),
@@ -215,9 +226,10 @@ def _as_list(batch: list[tuple[int, torch.Tensor | None, str | None]]) -> list[t
     return batch
 
 
-def predict_images(workspace_path: Path | str, paths: Sequence[Path], top_k: int = 5, route: int | None = None,
+def predict_images(workspace_path: Path | str, paths: Sequence[Path], top_k: int = 5, route: int | str | None = None,
                    batch_size: int = 32, workers: int = 0, precision: str = "fp32",
-                   method: Method | None = None) -> Iterator[ImagePrediction]:
+                   method: Method | None = None, options: dict[str, str] | None = None
+                   ) -> Iterator[ImagePrediction]:
     """Predict each image's ``top_k`` classes over everything learned, in the order of ``paths``.
 
     The workspace and the options are checked, and the model loaded, before this returns; the predictions then
@@ -227,12 +239,13 @@ def predict_images(workspace_path: Path | str, paths: Sequence[Path], top_k: int
     require_single_process("predict")
     workspace = Workspace.open(workspace_path)
     task_names = {task.info.index: task.name for task in learned_tasks(workspace)}
-    check_route(workspace, route)
+    route = check_route(workspace, route)
+    _check_options(workspace, options)
     check_loader_options(batch_size, workers)
     if top_k < 1:
         raise ClipclError("--top-k must be at least 1")
     accelerator = make_accelerator(precision)
-    method = method or workspace.build_method(device=accelerator.device)
+    method = method or workspace.build_method(device=accelerator.device, overrides=options)
     owners = [(task.index, task_names.get(task.index, "")) for task in method.tasks for _ in task.classes]
     loader = DataLoader(_ImageFiles(paths, method.backbone.eval_transform), batch_size=batch_size,
                         num_workers=workers, collate_fn=_as_list)
@@ -240,7 +253,7 @@ def predict_images(workspace_path: Path | str, paths: Sequence[Path], top_k: int
 
 
 def _predict_batches(method: Method, loader: DataLoader, paths: Sequence[Path], owners: list[tuple[int, str]],
-                     k: int, route: int | None, accelerator: Any) -> Iterator[ImagePrediction]:
+                     k: int, route: Route, accelerator: Any) -> Iterator[ImagePrediction]:
     classes = method.classes
     for batch in loader:
         readable = [(i, image) for i, image, _ in batch if image is not None]

@@ -10,6 +10,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import ClipclError
 from .storage import TEMP_PREFIX
@@ -74,6 +75,38 @@ def plot_accuracy(path: Path | str, matrix: Sequence[Sequence[float | None]],
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_methods(path: Path | str, curves: dict[str, Sequence[float | None]], title: str = "") -> Path:
+    """Write one figure with each method's accuracy over the tasks so far after each task (``clipcl bench``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = check_plot_path(path)
+    n = max((len(curve) for curve in curves.values()), default=0)
+    fig = Figure(figsize=(6.5, 4.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots()
+    for name, curve in curves.items():
+        points = [(i + 1, 100 * a) for i, a in enumerate(curve) if a is not None]
+        axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name,
+                  linestyle="--" if name == "joint" else "-")
+    axes.set_xticks(range(1, n + 1))
+    axes.set_xlim(0.5, n + 0.5)
+    axes.set_ylim(0, 100)
+    axes.set_xlabel("after task")
+    axes.set_ylabel("accuracy over tasks so far (%)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    if title:
+        axes.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write the figure aside and rename it into place."""
     tmp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
     try:
         fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".").lower())

@@ -39,7 +39,7 @@ from . import __version__
 from .backbone import ModelSpec, load_backbone, weights_fingerprint
 from .errors import WorkspaceError
 from .failpoints import failpoint
-from .methods import Method, TaskInfo, build_config, get_method_class
+from .methods import Method, TaskInfo, build_config, check_inference_overrides, get_method_class
 from .storage import (
     TEMP_PREFIX,
     atomic_write_json,
@@ -209,10 +209,12 @@ class Workspace:
     def task_tensors(self, task: StoredTask) -> dict[str, torch.Tensor]:
         return load_tensor_file(self.task_path(task) / TENSORS_FILE, task.files.get(TENSORS_FILE))
 
-    def build_method(self, device: str | torch.device = "cpu") -> Method:
-        """Load the base model and the method with every stored task restored."""
+    def build_method(self, device: str | torch.device = "cpu", overrides: dict[str, str] | None = None) -> Method:
+        """Load the base model and the method with every stored task restored; ``overrides`` change the method's
+        inference options (``Method.inference_options``) for this load only, never what is stored."""
         method_class = get_method_class(self.method_name)
-        config = build_config(method_class, stored=self.method_config)
+        check_inference_overrides(method_class, overrides)
+        config = build_config(method_class, overrides, stored=self.method_config)
         backbone = load_backbone(self.model_spec, self.path / "model", device=device)
         self.check_base_weights(weights_fingerprint(backbone.model))
         method = method_class(backbone, config)

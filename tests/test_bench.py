@@ -35,10 +35,11 @@ def test_bench_compares_methods_and_writes_json(split: Path, tmp_path: Path, tin
     kept = tmp_path / "kept"
     result = invoke(runner, "bench", split, "--methods", "ncm,zeroshot,finetune,joint", "--model", tiny_config,
                     "--pretrained", tiny_weights, "--epochs", "2", "--batch-size", "8", "--workers", "0",
-                    "--out", out, "--workspaces", kept, env={"COLUMNS": "160"})
+                    "--out", out, "--workspaces", kept, "--plot", tmp_path / "curves.png", env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    for name in ("ncm", "zeroshot", "finetune", "joint", "Avg", "Forgetting", "train img/s"):
+    for name in ("ncm", "zeroshot", "finetune", "joint", "Avg", "Forgetting", "train img/s", "passes/img"):
         assert name in result.stdout
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
     report = json.loads(out.read_text())
     assert report["tasks"] == ["task-1", "task-2"]
     assert report["settings"]["epochs"] == 2 and report["hardware"]["cpu_count"] >= 1
@@ -49,6 +50,7 @@ def test_bench_compares_methods_and_writes_json(split: Path, tmp_path: Path, tin
         assert row["avg"] == pytest.approx(sum(row["accuracy_after_task"]) / 2)
         assert row["last"] == row["accuracy_after_task"][-1]
     assert rows["ncm"]["train_s"] == 0 and rows["ncm"]["train_images_per_s"] is None
+    assert all(row["encoder_passes_per_image"] == 1 and row["eval_s"] > 0 for row in rows.values())
     assert rows["finetune"]["train_images_per_s"] > 0
     assert rows["ncm"]["last"] >= 0.9  # distinct colours, class means of any features
     # the matrix of each method is the one its kept workspace stored; joint's last row is its plain evaluation
@@ -120,6 +122,8 @@ def test_bench_runs_dma_through_the_same_engine(split: Path, tmp_path: Path, tin
         ("zero", [], "numbered from task-1"),
         ("shared-class", [], "class 'red' is in both task-1 and task-2"),
         ("none", ["--workspaces", "/etc/passwd"], "exists and is not a folder"),
+        ("none", ["--plot", "/nowhere/curves.png"], "--plot: folder /nowhere does not exist"),
+        ("none", ["--validation", "0"], "--validation must be a share between 0 and 1"),
     ],
 )
 def test_bench_refuses_bad_input_before_training(split: Path, tiny_config: Path, tiny_weights: Path, runner,
@@ -193,3 +197,44 @@ def test_finetune_trains_one_shared_lora_and_never_rewrites_a_task(workspace: Pa
     assert accuracy["per_task"][1] >= 0.8  # the newest task is learned
     method = workspace_.build_method()
     assert method.lora.names == ["shared"] and len(method.classes) == 4
+
+
+_AUDITED: list[str] | None = None
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _AUDITED is not None and event in ("open", "os.listdir", "os.scandir") and args and args[0] is not None:
+        _AUDITED.append(str(args[0]) if not isinstance(args[0], int) else "")
+
+
+def test_bench_validation_holds_out_training_images_and_never_reads_the_test_folders(
+        split: Path, tmp_path: Path, tiny_config: Path, tiny_weights: Path, runner) -> None:
+    import sys
+
+    global _AUDITED
+    sys.addaudithook(_audit)  # every file opened or folder listed in this process, from here on
+    out = tmp_path / "val.json"
+    kept = tmp_path / "kept"
+    _AUDITED = []
+    try:
+        result = invoke(runner, "bench", split, "--methods", "ncm,joint", "--model", tiny_config, "--pretrained",
+                        tiny_weights, "--epochs", "1", "--batch-size", "8", "--workers", "0", "--validation", "0.25",
+                        "--out", out, "--workspaces", kept)
+    finally:
+        touched, _AUDITED = _AUDITED, None
+    assert result.exit_code == 0, result.output
+    test_dirs = [str((split / f"task-{t}" / "test").resolve()) for t in (1, 2)]
+    assert touched and not [p for p in touched if any(p.startswith(d) for d in test_dirs)]
+    report = json.loads(out.read_text())
+    assert report["evaluated_on"].startswith("validation") and report["settings"]["validation"] == 0.25
+    # 8 training images a class: 2 become the class's test set, 6 train; the real test images are nowhere
+    ncm = Workspace.open(kept / "ncm")
+    for task in ncm.tasks:
+        details = ncm.task_json(task)
+        assert all(n == 6 for n in details["counts"]["train"].values())
+        assert all(n == 2 for n in details["counts"]["heldout"].values())
+        held = {Path(details["source"]["root"], rel).resolve() for rel, _ in details["heldout_files"]}
+        assert all("/train/" in str(path) for path in held)
+    assert [row["method"] for row in report["methods"]] == ["ncm", "joint"]
+    bad = invoke(runner, "bench", split, "--model", tiny_config, "--pretrained", tiny_weights, "--validation", "1")
+    assert bad.exit_code == 2 and "--validation must be a share between 0 and 1" in bad.stderr

@@ -178,49 +178,173 @@ def _heldout_images(trained: Path):
     return method, torch.stack(batches)
 
 
-def _branch_probs(method, images: torch.Tensor) -> list[torch.Tensor]:
-    """Each task's LoRA's softmax over all classes, computed here without dma.predict."""
+def _branch_features(method, images: torch.Tensor) -> list[torch.Tensor]:
+    """Each task's LoRA's image features, computed here without dma.predict."""
     branches = []
     for task in method.tasks:
         method.lora.activate(method.adapter_name(task))
-        features = method.backbone.encode_images(images)
-        branches.append((method.backbone.logit_scale() * features @ method.prompts.features(method.tasks).T)
-                        .softmax(-1))
+        branches.append(method.backbone.encode_images(images).double())
     return branches
 
 
-def test_route_over_every_task_is_exactly_the_exhaustive_answer(trained: Path) -> None:
-    method, images = _heldout_images(trained)
+def _branch_probs(method, images: torch.Tensor) -> list[torch.Tensor]:
+    """Each task's LoRA's softmax over all classes."""
+    text = method.prompts.features(method.tasks).double()
+    return [(method.backbone.logit_scale() * features @ text.T).softmax(-1)
+            for features in _branch_features(method, images)]
+
+
+@pytest.fixture(scope="module")
+def voting(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path, tiny_weights: Path) -> Path:
+    """A dma workspace with the first versions' inference: the frozen router's weighted vote over every task."""
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    root = tmp_path_factory.mktemp("voting")
+    ws = root / "ws"
+    result = invoke(runner, "init", "-w", ws, "--model", tiny_config, "--pretrained", tiny_weights,
+                    "--set", "router=mahalanobis", "--set", "route=0")
+    assert result.exit_code == 0, result.output
+    for name, classes in (("warm", ["red", "green"]), ("cool", ["blue", "yellow"])):
+        assert invoke(runner, "add-task", "-w", ws, make_task(root / "data" / name, classes), *FAST).exit_code == 0
+    return ws
+
+
+@pytest.fixture(scope="module")
+def three_tasks(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path, tiny_weights: Path) -> Path:
+    """A dma workspace with the default inference that learned three tasks of two colours."""
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    root = tmp_path_factory.mktemp("three")
+    ws = root / "ws"
+    assert invoke(runner, "init", "-w", ws, "--model", tiny_config, "--pretrained", tiny_weights).exit_code == 0
+    for name, classes in (("warm", ["red", "green"]), ("cool", ["blue", "yellow"]), ("pink", ["magenta", "cyan"])):
+        result = invoke(runner, "add-task", "-w", ws, make_task(root / "data" / name, classes), *FAST)
+        assert result.exit_code == 0, result.output
+    return ws
+
+
+def _vote(method, images: torch.Tensor, k: int) -> torch.Tensor:
+    """The weighted vote of the mahalanobis router over the ``k`` best tasks, computed from its parts."""
     weights = method.task_weights(images)
-    expected = torch.cat([weights[:, i : i + 1] * probs[:, task.class_slice]
-                          for i, (task, probs) in enumerate(zip(method.tasks, _branch_probs(method, images),
-                                                                strict=True))], dim=1)
-    expected /= expected.sum(dim=1, keepdim=True)
+    chosen = torch.zeros_like(weights, dtype=torch.bool).scatter_(1, weights.topk(k, dim=1).indices, True)
+    parts = [torch.where(chosen[:, i : i + 1], weights[:, i : i + 1] * probs[:, task.class_slice], 0.0)
+             for i, (task, probs) in enumerate(zip(method.tasks, _branch_probs(method, images), strict=True))]
+    expected = torch.cat(parts, dim=1)
+    return (expected / expected.sum(dim=1, keepdim=True)).float()
+
+
+def _count_encoder_passes(method) -> list[int]:
+    """Images through the image encoder, counted at the encoder itself."""
+    counted: list[int] = []
+    method.clip.visual.register_forward_hook(lambda _module, _args, output: counted.append(output.shape[0]))
+    return counted
+
+
+def test_vote_over_every_task_is_exactly_the_exhaustive_answer(voting: Path) -> None:
+    method, images = _heldout_images(voting)
     exhaustive = method.predict(images)
-    torch.testing.assert_close(exhaustive.probs, expected)
-    torch.testing.assert_close(exhaustive.task_scores, weights)
+    torch.testing.assert_close(exhaustive.probs, _vote(method, images, len(method.tasks)))
+    torch.testing.assert_close(exhaustive.task_scores, method.task_weights(images))
     assert torch.equal(method.predict(images, route=len(method.tasks)).probs, exhaustive.probs)
+    assert torch.equal(method.predict(images, route="all").probs, exhaustive.probs)
     assert torch.equal(method.predict(images, route=99).probs, exhaustive.probs)  # K beyond T means every task
 
 
-def test_route_one_runs_one_adapter_per_image_and_keeps_its_task_only(trained: Path, monkeypatch) -> None:
-    method, images = _heldout_images(trained)
-    best = method.task_weights(images).argmax(dim=1)
-    expected = torch.zeros(len(images), len(method.classes))
-    for i, (task, probs) in enumerate(zip(method.tasks, _branch_probs(method, images), strict=True)):
-        rows = best == i
-        expected[rows, task.class_slice] = probs[rows][:, task.class_slice]
-    expected /= expected.sum(dim=1, keepdim=True)
-
-    encoded: list[int] = []
-    encode = method.backbone.encode_images
-    monkeypatch.setattr(method.backbone, "encode_images", lambda x: encoded.append(len(x)) or encode(x))
+def test_vote_route_one_runs_one_adapter_per_image_and_keeps_its_task_only(voting: Path) -> None:
+    method, images = _heldout_images(voting)
+    expected = _vote(method, images, 1)
+    counted = _count_encoder_passes(method)
     routed = method.predict(images, route=1)
     torch.testing.assert_close(routed.probs, expected)
-    assert sum(encoded) == 2 * len(images)  # one frozen pass for the router, one adapter pass per image
-    encoded.clear()
-    method.predict(images)
-    assert sum(encoded) == (1 + len(method.tasks)) * len(images)
+    assert sum(counted) == routed.encoder_passes == 2 * len(images)  # one frozen pass, one adapter pass per image
+    counted.clear()
+    assert method.predict(images).encoder_passes == sum(counted) == (1 + len(method.tasks)) * len(images)
+
+
+def test_combined_inference_over_every_task_is_the_documented_sum_of_evidence(three_tasks: Path) -> None:
+    """``--route all`` with the default router, recomputed from the stored tensors with plain linear algebra."""
+    method, images = _heldout_images(three_tasks)
+    ws = Workspace.open(three_tasks)
+    stored = [ws.task_tensors(task) for task in ws.tasks]
+    config = method.config
+    with torch.no_grad(), method.lora.disabled():
+        frozen = method.backbone.encode_images(images).double()
+
+    def shrunk_inverse(scatter: torch.Tensor, count: float, shrinkage: float) -> torch.Tensor:
+        covariance = scatter.double() / count
+        dim = covariance.shape[0]
+        return torch.linalg.inv((1 - shrinkage) * covariance + shrinkage * covariance.trace() / dim * torch.eye(dim))
+
+    def log_likelihoods(x: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+        diff = x[:, None, :] - means.double()[None]
+        return -0.5 * torch.einsum("ncd,de,nce->nc", diff, precision, diff)
+
+    pooled = shrunk_inverse(sum(t["router.scatter"] for t in stored), sum(float(t["router.count"]) for t in stored),
+                            method.router.gaussian.effective_shrinkage())
+    frozen_scores = log_likelihoods(frozen, torch.cat([t["router.feature_means"] for t in stored]), pooled)
+    text = method.prompts.features(method.tasks).double()
+    scale = float(method.backbone.logit_scale())
+    parts = []
+    with torch.no_grad():
+        features = _branch_features(method, images)
+    for task, tensors, adapted in zip(method.tasks, stored, features, strict=True):
+        precision = shrunk_inverse(tensors["router.adapted_scatter"], float(tensors["router.adapted_count"]),
+                                   config.adapted_shrinkage)
+        likelihoods = log_likelihoods(adapted, tensors["router.adapted_means"], precision)
+        mean, std = tensors["router.adapted_fit"].double()
+        fit = (likelihoods.max(dim=1, keepdim=True).values - mean) / std
+        clip = (scale * adapted @ text[task.class_slice].T).log_softmax(dim=1)
+        parts.append(frozen_scores[:, task.class_slice] + config.text_weight * clip
+                     + config.adapted_weight * likelihoods.log_softmax(dim=1) + config.fit_weight * fit)
+    expected = torch.cat(parts, dim=1).softmax(dim=1).float()
+    exhaustive = method.predict(images, route="all")
+    torch.testing.assert_close(exhaustive.probs, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(method.predict(images, route=len(method.tasks)).probs, exhaustive.probs)
+    assert (exhaustive.probs.argmax(1) == expected.argmax(1)).all()
+
+
+def test_the_default_route_runs_at_most_k_adapters_per_image(three_tasks: Path, runner) -> None:
+    method, images = _heldout_images(three_tasks)
+    k = method.config.route
+    assert 1 <= k < len(method.tasks)
+    counted = _count_encoder_passes(method)
+    default = method.predict(images)
+    assert sum(counted) == default.encoder_passes == (1 + k) * len(images)
+    # the images' best tasks by the frozen router are the ones whose adapters ran; the rest get no probability
+    best = method.router.task_scores(method.frozen_features(images), method.backbone.logit_scale()).topk(k, 1).indices
+    for i, task in enumerate(method.tasks):
+        kept = (best == i).any(dim=1)
+        assert (default.probs[~kept][:, task.class_slice] == 0).all()
+    counted.clear()
+    assert method.predict(images, route="all").encoder_passes == sum(counted) == (1 + len(method.tasks)) * len(images)
+    report = json.loads(invoke(runner, "eval", "-w", three_tasks, "--json").stdout)
+    assert report["encoder_passes_per_image"] == pytest.approx(1 + k) and report["route"] is None
+    stored = Workspace.open(three_tasks).task_json(Workspace.open(three_tasks).tasks[-1])["accuracy"]
+    assert stored["encoder_passes_per_image"] == pytest.approx(1 + k)  # add-task's evaluation routes too
+    everything = json.loads(invoke(runner, "eval", "-w", three_tasks, "--json", "--route", "all").stdout)
+    assert everything["encoder_passes_per_image"] == pytest.approx(1 + len(method.tasks))
+    assert everything["route"] == "all"
+
+
+def test_a_workspace_made_before_routing_by_default_keeps_predicting_as_before(voting: Path, tmp_path: Path,
+                                                                               runner) -> None:
+    """A manifest written before the route and adapted-space options existed: every task's adapter still runs and
+    the answer is the weighted vote it gave then."""
+    old = tmp_path / "old"
+    shutil.copytree(voting, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    config = manifest["method"]["config"]
+    for key in ("route", "adapted_shrinkage", "text_weight", "adapted_weight", "fit_weight"):
+        config.pop(key)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    method, images = _heldout_images(old)
+    prediction = method.predict(images)
+    assert prediction.encoder_passes == (1 + len(method.tasks)) * len(images)
+    torch.testing.assert_close(prediction.probs, _vote(method, images, len(method.tasks)))
+    report = json.loads(invoke(runner, "eval", "-w", old, "--json").stdout)
+    assert report["encoder_passes_per_image"] == pytest.approx(1 + len(method.tasks))
 
 
 def test_route_through_the_cli(trained: Path, images: Path, runner) -> None:
@@ -228,9 +352,12 @@ def test_route_through_the_cli(trained: Path, images: Path, runner) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["route"] == 1 and report["task_id_accuracy"] is not None
-    predicted = invoke(runner, "predict", "-w", trained, images / "cool", "--route", "2", "--json")
+    assert report["encoder_passes_per_image"] == pytest.approx(2)
+    predicted = invoke(runner, "predict", "-w", trained, images / "cool", "--route", "all", "--json")
     assert predicted.exit_code == 0 and len(_json_lines(predicted.stdout)) == 28
-    assert invoke(runner, "eval", "-w", trained, "--route", "0").exit_code == 2
+    for bad in ("0", "-1", "some"):
+        refused = invoke(runner, "eval", "-w", trained, "--route", bad)
+        assert refused.exit_code == 2 and "--route" in refused.stderr and "Traceback" not in refused.output
 
 
 def test_route_is_refused_for_a_method_that_does_not_route(tmp_path: Path, tiny_config: Path, tiny_weights: Path,
@@ -256,3 +383,29 @@ def test_eval_after_held_out_images_are_gone(trained: Path, tmp_path: Path, runn
     report = json.loads(result.stdout)
     assert report["per_task"][0]["accuracy"] is None and report["per_task"][1]["accuracy"] is not None
     assert "no held-out images found" in result.stderr
+
+
+def test_eval_and_predict_may_change_inference_options_only(three_tasks: Path, voting: Path, images: Path,
+                                                             runner) -> None:
+    before = snapshot(three_tasks)
+    vote = json.loads(invoke(runner, "eval", "-w", three_tasks, "--json", "--set", "router=mahalanobis",
+                             "--route", "all").stdout)
+    method, held = _heldout_images(three_tasks)
+    method.config.router = "mahalanobis"
+    expected = _vote(method, held, len(method.tasks))
+    labels = torch.tensor([label for t in Workspace.open(three_tasks).tasks
+                           for _, label in Workspace.open(three_tasks).task_json(t)["heldout_files"]])
+    offsets = torch.repeat_interleave(torch.tensor([t.offset for t in method.tasks]),
+                                      torch.tensor([len(Workspace.open(three_tasks).task_json(t)["heldout_files"])
+                                                    for t in Workspace.open(three_tasks).tasks]))
+    assert vote["accuracy"] == pytest.approx(float((expected.argmax(1) == labels + offsets).float().mean()))
+    predicted = invoke(runner, "predict", "-w", three_tasks, images / "warm", "--json", "--set", "text_weight=0")
+    assert predicted.exit_code == 0 and len(_json_lines(predicted.stdout)) == 28
+    assert snapshot(three_tasks) == before  # nothing of it is stored
+    fixed = invoke(runner, "eval", "-w", three_tasks, "--set", "lora_rank=4")
+    assert fixed.exit_code == 2 and "fixes it when the workspace is created" in fixed.stderr
+    wrong = invoke(runner, "predict", "-w", three_tasks, images / "warm", "--set", "router=nearest")
+    assert wrong.exit_code == 2 and "router must be one of" in wrong.stderr
+    missing = invoke(runner, "eval", "-w", voting, "--set", "router=combined")
+    assert missing.exit_code == 2 and "lacks the adapted-space statistics" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1

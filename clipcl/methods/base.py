@@ -43,16 +43,38 @@ class TaskInfo:
         return slice(self.offset, self.offset + len(self.classes))
 
 
+ROUTE_ALL = "all"
+Route = int | str | None  # K tasks' modules per image, ROUTE_ALL for every task's, None for the method's default
+
+
+def parse_route(value: int | str | None) -> Route:
+    """``--route``'s value checked: ``None`` (the method's default), ``"all"``, or a number of tasks K >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == ROUTE_ALL:
+        return ROUTE_ALL
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise ClipclError(f"--route takes a number of tasks K (at least 1) or 'all', got {value!r}") from None
+    if k < 1:
+        raise ClipclError(f"--route must be at least 1 (or 'all'), got {k}")
+    return k
+
+
 @dataclass
 class Prediction:
     """What a method says about a batch of images.
 
     ``probs``: ``[batch, classes]`` over every class learned so far (rows sum to 1). ``task_scores``: ``[batch, tasks]``
     from methods that route by task (how strongly each image belongs to each task); ``None`` otherwise.
+    ``encoder_passes``: how many images the image encoder encoded for this batch, counting an image once per pass
+    (``None``: one pass per image).
     """
 
     probs: torch.Tensor
     task_scores: torch.Tensor | None = None
+    encoder_passes: int | None = None
 
 
 @dataclass
@@ -76,6 +98,8 @@ class Method(nn.Module, ABC):
     summary: ClassVar[str] = ""
     routes_tasks: ClassVar[bool] = False  # True where predict() accepts ``route`` (top-k tasks' modules only)
     stages: ClassVar[tuple[str, ...]] = ("training",)  # training stages of each task, in order (see begin_stage)
+    # options that only change how stored tasks are used, so `eval` and `predict` may override them (--set)
+    inference_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
         super().__init__()
@@ -138,9 +162,9 @@ class Method(nn.Module, ABC):
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``[batch, len(self.classes)]`` (rows sum to 1)."""
 
-    def predict(self, images: torch.Tensor, route: int | None = None) -> Prediction:
+    def predict(self, images: torch.Tensor, route: Route = None) -> Prediction:
         """Probabilities over every class learned so far; methods that route by task run only the ``route`` best
-        tasks' modules for each image (``None``: every task's)."""
+        tasks' modules for each image (``None``: the method's default; ``"all"``: every task's)."""
         if route is not None:
             raise ClipclError(f"method {self.name} does not route by task: drop --route")
         return Prediction(self.predict_proba(images))
@@ -171,6 +195,22 @@ def within_class_scatter(features: torch.Tensor, labels: torch.Tensor, means: to
     """``sum_i (x_i - mean_{y_i})(x_i - mean_{y_i})^T`` in float64: the pooled covariance's numerator."""
     centred = (features.double() - means.double()[labels])
     return centred.T @ centred
+
+
+def shrink(covariance: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """``(1 - a) * covariance + a * (trace / D) * I``: invertible, and better conditioned than the sample estimate."""
+    dim = covariance.shape[-1]
+    target = torch.eye(dim, dtype=covariance.dtype, device=covariance.device) * covariance.trace() / dim
+    return (1 - shrinkage) * covariance + shrinkage * target
+
+
+def gaussian_log_likelihoods(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """``[batch, classes]``: ``-(x - mean_c)^T P (x - mean_c) / 2`` in float64, the Gaussian log-likelihood of each
+    feature under each class mean with one shared precision ``P``, up to a constant shared by every class."""
+    x, mu = features.double(), means.double()
+    x_precision = x @ precision
+    return -0.5 * ((x_precision * x).sum(dim=1, keepdim=True) - 2 * x_precision @ mu.T
+                   + ((mu @ precision) * mu).sum(dim=1))
 
 
 @torch.no_grad()
@@ -229,6 +269,15 @@ def _convert(value: str, kind: type, key: str) -> Any:
         return kind(value)
     except ValueError as exc:
         raise ClipclError(f"option {key}={value!r}: expected {kind.__name__}") from exc
+
+
+def check_inference_overrides(method: type[Method], overrides: dict[str, str] | None) -> None:
+    """Refuse, for ``eval`` and ``predict``, an override of an option that shaped training."""
+    fixed = sorted(set(overrides or {}) - set(method.inference_options))
+    if fixed:
+        allowed = ", ".join(method.inference_options) or "none"
+        raise ClipclError(f"--set {fixed[0]}: method {method.name} fixes it when the workspace is created; "
+                          f"eval and predict may set only: {allowed}")
 
 
 def build_config(method: type[Method], overrides: dict[str, str] | None = None,

@@ -10,13 +10,12 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 from ..backbone import Backbone, context_tokens, encode_text_with_context, linearize_attention, phrase_embedding
 from ..errors import ClipclError
-from .base import MethodConfig, TaskInfo, class_means, within_class_scatter
+from .base import MethodConfig, TaskInfo, class_means, gaussian_log_likelihoods, shrink, within_class_scatter
 
 ATTENTION_PROJECTIONS = r".*\.attn\.(q_proj|k_proj|v_proj|out_proj|qkv|proj)"
 LORA_PREFIX = "lora."
@@ -166,96 +165,141 @@ class ClassPrompts(nn.Module):
         return torch.cat([self.cached(task) for task in tasks])
 
 
-class TaskRouter(nn.Module):
-    """Which tasks an image belongs to, from one pass of the frozen image encoder (../shared/METHODS.md, "Task
-    routing").
+AUTO_SHRINKAGE = "auto"
 
-    Each task keeps the mean frozen feature of each of its classes and the within-class scatter of its training
-    images. A task's score is the score of its best class: with ``mahalanobis``, the Gaussian log-likelihood under
-    the class's mean and the within-class covariance pooled over every task so far (shrunk toward a scaled identity,
-    so a few hundred images in a wide feature space still give an invertible matrix); with ``cosine``, the cosine to
-    the class mean at CLIP's logit scale. The softmax over tasks is the router's belief in each task.
+
+def check_shrinkage(value: object, option: str) -> str:
+    """A shrinkage option's value as stored: ``auto`` (Ledoit-Wolf) or a number in (0, 1]."""
+    text = str(value).strip().lower()
+    if text == AUTO_SHRINKAGE:
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        number = -1.0
+    if not 0 < number <= 1:
+        raise ClipclError(f"{option} must be auto or a number with 0 < {option} <= 1, got {value!r}")
+    return text
+
+
+def shrinkage_value(value: str) -> float | None:
+    """The number of a checked shrinkage option, or ``None`` for Ledoit-Wolf's estimate."""
+    return None if value == AUTO_SHRINKAGE else float(value)
+
+
+class PooledGaussian(nn.Module):
+    """Class means of features with one within-class covariance pooled over every task added so far: the
+    Gaussian model of linear discriminant analysis, kept task by task.
+
+    Each task contributes its classes' means, its within-class scatter ``sum (x - mean_y)(x - mean_y)^T`` and its
+    image count (``D x D`` + ``C x D`` numbers, whatever the number of images), so the pooled covariance is exact for
+    any set of tasks and nothing of an earlier task is ever rewritten. The covariance is shrunk toward a scaled
+    identity (a few hundred images in a wide feature space still give an invertible, well-conditioned matrix), by
+    a fixed ``shrinkage`` or, with ``None``, by the Ledoit-Wolf estimate (Ledoit & Wolf, 2004, as scikit-learn
+    computes it), which needs one more number per task: the sum of the fourth powers of the centred features'
+    norms. Stored under ``<prefix>feature_means``, ``<prefix>scatter``, ``<prefix>count`` and
+    ``<prefix>fourth_moment``.
     """
 
-    KINDS = ("mahalanobis", "cosine")
-    MEANS_KEY = "router.feature_means"
-    SCATTER_KEY = "router.scatter"
-    COUNT_KEY = "router.count"
-
-    def __init__(self, kind: str = "mahalanobis", shrinkage: float = 0.01) -> None:
+    def __init__(self, prefix: str, shrinkage: float | None) -> None:
         super().__init__()
-        if kind not in self.KINDS:
-            raise ClipclError(f"router must be one of {', '.join(self.KINDS)}, got {kind!r}")
-        self.kind = kind
+        self.prefix = prefix
         self.shrinkage = shrinkage
         self.n_tasks = 0
+        self.classes_per_task: list[int] = []
         self._precision: tuple[tuple[int, torch.device], torch.Tensor] | None = None  # ((tasks, device), matrix)
+
+    def set_shrinkage(self, shrinkage: float | None) -> None:
+        """Use another shrinkage from now on (the statistics are unchanged; the precision is recomputed)."""
+        self.shrinkage = shrinkage
+        self._precision = None
+
+    @property
+    def keys(self) -> tuple[str, str, str]:
+        """The statistics every task has (``fourth_key`` is stored beside them since Ledoit-Wolf shrinkage)."""
+        return (f"{self.prefix}feature_means", f"{self.prefix}scatter", f"{self.prefix}count")
+
+    @property
+    def fourth_key(self) -> str:
+        return f"{self.prefix}fourth_moment"
+
+    def statistics(self, features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict[str, torch.Tensor]:
+        """A task's statistics from its features and labels (0..n_classes-1), keyed as :meth:`add` reads them."""
+        means = class_means(features, labels, n_classes)
+        means_key, scatter_key, count_key = self.keys
+        centred = features.double() - means.double()[labels]
+        return {
+            means_key: means,
+            scatter_key: within_class_scatter(features, labels, means).float(),
+            count_key: torch.tensor([len(labels)], dtype=torch.float32, device=features.device),
+            self.fourth_key: centred.pow(2).sum(dim=1).pow(2).sum().reshape(1).float(),
+        }
 
     def add(self, task: TaskInfo, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         """Add a task's statistics (the dict :meth:`statistics` made, or its stored copy)."""
         if task.index != self.n_tasks + 1:
-            raise ValueError(f"router statistics of task {task.index} added out of order")
-        missing = [key for key in (self.MEANS_KEY, self.SCATTER_KEY, self.COUNT_KEY) if key not in tensors]
+            raise ValueError(f"class statistics of task {task.index} added out of order")
+        needed = [*self.keys, *((self.fourth_key,) if self.shrinkage is None else ())]
+        missing = [key for key in needed if key not in tensors]
         if missing:
-            raise ValueError(f"task {task.index} lacks the router statistics {', '.join(missing)} (it was stored by "
-                             "an earlier clipcl): re-create the workspace")
-        for key in (self.MEANS_KEY, self.SCATTER_KEY, self.COUNT_KEY):
-            self.register_buffer(f"{key.split('.')[-1]}_{task.index}", tensors[key].to(device), persistent=False)
+            raise ValueError(f"task {task.index} lacks the class statistics {', '.join(missing)} (it was stored by "
+                             "an earlier clipcl)")
+        for key in (*self.keys, self.fourth_key):
+            if key in tensors:
+                self.register_buffer(self._buffer(key, task.index), tensors[key].to(device), persistent=False)
+        self.classes_per_task.append(int(tensors[self.keys[0]].shape[0]))
         self.n_tasks += 1
+        self._precision = None
 
-    @staticmethod
-    def statistics(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict[str, torch.Tensor]:
-        """A task's statistics from its frozen features and labels (0..n_classes-1)."""
-        means = class_means(features, labels, n_classes)
-        return {
-            TaskRouter.MEANS_KEY: means,
-            TaskRouter.SCATTER_KEY: within_class_scatter(features, labels, means).float(),
-            TaskRouter.COUNT_KEY: torch.tensor([len(labels)], dtype=torch.float32, device=features.device),
-        }
+    def _buffer(self, key: str, index: int) -> str:
+        return f"{key[len(self.prefix):]}_{index}"
 
     def tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
-        return {key: getattr(self, f"{key.split('.')[-1]}_{task.index}")
-                for key in (self.MEANS_KEY, self.SCATTER_KEY, self.COUNT_KEY)}
+        keys = (*self.keys, *((self.fourth_key,) if hasattr(self, self._buffer(self.fourth_key, task.index)) else ()))
+        return {key: getattr(self, self._buffer(key, task.index)) for key in keys}
 
-    def _means(self) -> list[torch.Tensor]:
-        return [getattr(self, f"feature_means_{i}") for i in range(1, self.n_tasks + 1)]
+    def effective_shrinkage(self) -> float:
+        """The shrinkage in use: the fixed one, or Ledoit-Wolf's estimate from every task so far."""
+        if self.shrinkage is not None:
+            return self.shrinkage
+        covariance, count = self.covariance(), self._count()
+        fourth = sum(float(getattr(self, self._buffer(self.fourth_key, i))) for i in range(1, self.n_tasks + 1))
+        dim = covariance.shape[0]
+        mu = float(covariance.trace()) / dim
+        squared = float((covariance * covariance).sum())
+        beta = (fourth / count - squared) / (dim * count)
+        delta = (squared - 2 * mu * float(covariance.trace()) + dim * mu * mu) / dim
+        return 1.0 if delta <= 0 else float(min(max(beta, 0.0), delta) / delta)
+
+    def means(self, index: int) -> torch.Tensor:
+        """Class means of task ``index`` (from 1)."""
+        return getattr(self, self._buffer(self.keys[0], index))
+
+    def _count(self) -> float:
+        return max(sum(float(getattr(self, self._buffer(self.keys[2], i))) for i in range(1, self.n_tasks + 1)), 1.0)
+
+    def covariance(self) -> torch.Tensor:
+        """The within-class covariance pooled over every task (float64, unshrunk)."""
+        scatter = sum(getattr(self, self._buffer(self.keys[1], i)).double() for i in range(1, self.n_tasks + 1))
+        return scatter / self._count()
 
     def precision(self) -> torch.Tensor:
-        """Inverse of the shrunk pooled within-class covariance (float64), cached until a task is added."""
-        key = (self.n_tasks, self.scatter_1.device)
+        """Inverse of the shrunk pooled covariance (float64), cached until a task is added."""
+        key = (self.n_tasks, self.means(1).device)
         if self._precision is None or self._precision[0] != key:
-            scatter = sum(getattr(self, f"scatter_{i}").double() for i in range(1, self.n_tasks + 1))
-            count = sum(float(getattr(self, f"count_{i}")) for i in range(1, self.n_tasks + 1))
-            covariance = scatter / max(count, 1.0)
-            dim = covariance.shape[0]
-            target = torch.eye(dim, dtype=covariance.dtype, device=covariance.device) * covariance.trace() / dim
-            shrunk = (1 - self.shrinkage) * covariance + self.shrinkage * target
-            self._precision = (key, torch.linalg.inv(shrunk))
+            self._precision = (key, torch.linalg.inv(shrink(self.covariance(), self.effective_shrinkage())))
         return self._precision[1]
 
     @torch.no_grad()
-    def task_scores(self, features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-        """``[batch, tasks]`` log-scores of the best class of each task for frozen ``features``."""
-        best = []
-        if self.kind == "cosine":
-            for means in self._means():
-                cosine = features.float() @ F.normalize(means.float(), dim=-1).T
-                best.append(logit_scale.float() * cosine.max(dim=1).values)
-            return torch.stack(best, dim=1)
-        precision = self.precision()
-        x = features.double()
-        x_precision = x @ precision
-        x_term = (x_precision * x).sum(dim=1, keepdim=True)
-        for means in self._means():
-            mu = means.double()
-            mu_term = ((mu @ precision) * mu).sum(dim=1)
-            log_likelihood = -0.5 * (x_term - 2 * x_precision @ mu.T + mu_term)
-            best.append(log_likelihood.max(dim=1).values)
-        return torch.stack(best, dim=1).float()
+    def log_likelihoods(self, features: torch.Tensor) -> torch.Tensor:
+        """``[batch, classes]`` Gaussian log-likelihood of each feature under each class, up to a constant shared by
+        every class: ``-(x - mean_c)^T P (x - mean_c) / 2`` (float64), classes in task order."""
+        means = torch.cat([self.means(i) for i in range(1, self.n_tasks + 1)])
+        return gaussian_log_likelihoods(features, means, self.precision())
 
-    def weights(self, features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-        """``[batch, tasks]`` softmax of :meth:`task_scores`: how strongly each image belongs to each task."""
-        return self.task_scores(features, logit_scale).softmax(dim=1)
+    def best_per_task(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[batch, tasks]``: the best class score of each task from ``[batch, classes]`` scores."""
+        return torch.stack([part.max(dim=1).values for part in scores.split(self.classes_per_task, dim=1)], dim=1)
 
 
 SHARED_CONTEXT_KEY = "prompt.shared"

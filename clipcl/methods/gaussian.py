@@ -21,18 +21,12 @@ import torch
 from torch import nn
 
 from ..errors import ClipclError
+from .base import shrink
 
 COVARIANCE_KINDS = ("full", "diag")
 STATS_MEAN_KEY = "stats.mean"
 STATS_FACTOR_KEY = "stats.cov_factor"
 STATS_CLASSES_KEY = "stats.classes"
-
-
-def shrink(covariance: torch.Tensor, shrinkage: float) -> torch.Tensor:
-    """``(1 - a) * covariance + a * (trace / D) * I``: invertible, and better conditioned than the sample estimate."""
-    dim = covariance.shape[-1]
-    target = torch.eye(dim, dtype=covariance.dtype, device=covariance.device) * covariance.trace() / dim
-    return (1 - shrinkage) * covariance + shrinkage * target
 
 
 @dataclass

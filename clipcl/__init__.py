@@ -1,12 +1,13 @@
 """clipcl: teach a CLIP model new classes from image folders, task after task, without forgetting the old ones."""
 
-__version__ = "0.1.0"
-
 from .backbone import ModelSpec, load_backbone, resolve_model_spec
-from .engine import Progress, TaskReport, TrainOptions, add_task
+from .engine import TaskReport, TrainOptions, add_task
 from .errors import ClipclError, DataError, ModelError, WorkspaceError
 from .inference import EvalReport, ImagePrediction, evaluate, expand_image_paths, predict_images
 from .methods import Method, Prediction, TaskInfo, available_methods, register_method
+from .records import TaskRecord
+from .runtime import Progress
+from .version import __version__
 from .workspace import Workspace
 
 
@@ -27,6 +28,7 @@ __all__ = [
     "Prediction",
     "Progress",
     "TaskInfo",
+    "TaskRecord",
     "TaskReport",
     "TrainOptions",
     "Workspace",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelError
-from .storage import sha256_file
+from .reading import read_json_bounded, regular_file_problem, sha256_of_file
 
 CONTEXT_PLACEHOLDER = "X"
 HF_HUB_PREFIX = "hf-hub:"
@@ -81,11 +80,13 @@ def resolve_model_spec(model: str, pretrained: str | None, allow_random_weights:
     config = None
     if model.lower().endswith(".json"):
         path = Path(model).expanduser()
-        if not path.is_file():
-            raise ModelError(f"model config not found: {path}")
+        problem = regular_file_problem(path)
+        if problem is not None:
+            raise ModelError(f"model config not found: {path}" if problem == "missing"
+                             else f"cannot read model config {path}: {problem}")
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            config = read_json_bounded(path)
+        except (OSError, ValueError) as exc:
             raise ModelError(f"cannot read model config {path}: {exc}") from exc
         if not isinstance(config, dict) or not all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")):
             raise ModelError(f"{path} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
@@ -105,10 +106,12 @@ def resolve_model_spec(model: str, pretrained: str | None, allow_random_weights:
     sha = None
     if pretrained is not None and (Path(pretrained).expanduser().exists() or _looks_like_path(pretrained)):
         path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise ModelError(f"pretrained weights file not found: {path}")
+        problem = regular_file_problem(path)
+        if problem is not None:
+            raise ModelError(f"pretrained weights file not found: {path}" if problem == "missing"
+                             else f"cannot use the pretrained weights {path}: {problem}")
         pretrained = str(path.resolve())
-        sha = sha256_file(path)
+        sha = sha256_of_file(path)
     elif pretrained is not None and config is None:
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
@@ -121,11 +124,16 @@ def resolve_model_spec(model: str, pretrained: str | None, allow_random_weights:
     return ModelSpec(name=name, pretrained=pretrained, pretrained_sha256=sha, config=config)
 
 
+# (q, k, v as [batch, heads, length, head width], attention mask or None, dropout) -> [batch, heads, length, width]
+AttentionFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor]
+
+
 class LinearAttention(nn.Module):
     """``nn.MultiheadAttention`` (self-attention, same q/k/v width) rebuilt on ``nn.Linear`` projections.
 
     Accepts the call open_clip makes (``attn(q, k, v, need_weights=False, attn_mask=mask)``) and returns the same
-    ``(output, None)`` pair. ``q_proj``/``k_proj``/``v_proj``/``out_proj`` are plain linear layers that peft can adapt.
+    ``(output, None)`` pair. ``q_proj``/``k_proj``/``v_proj``/``out_proj`` are plain linear layers that peft can adapt,
+    and ``attention`` lets a method compute the attention itself from the projected heads.
     """
 
     def __init__(self, source: nn.MultiheadAttention) -> None:
@@ -149,10 +157,9 @@ class LinearAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=source.out_proj.bias is not None)
         self.out_proj.to(device=source.out_proj.weight.device, dtype=source.out_proj.weight.dtype)
         self.out_proj.load_state_dict(source.out_proj.state_dict())
-        # deep visual prompts in positions 1..prompt_tokens of the sequence (see attach_deep_prompts); a plain
-        # callable, not a module, so the prompts' gate stays owned by the method that trains it
-        self.prompt_tokens = 0
-        self.prompt_gate: Callable[[], torch.Tensor] | None = None
+        # a method may replace the attention itself (tppt's gated prompt attention); a plain callable, not a module,
+        # so what it holds stays owned by the method that trains it
+        self.attention: AttentionFunction | None = None
 
     def forward(
         self,
@@ -179,8 +186,8 @@ class LinearAttention(nn.Module):
         elif attn_mask is not None:
             attn_mask = ~attn_mask  # nn.MultiheadAttention masks True positions; SDPA keeps them
         dropout = self.dropout if self.training else 0.0
-        if self.prompt_tokens and self.prompt_gate is not None:
-            out = self._gated_prompt_attention(q, k, v, attn_mask, dropout)
+        if self.attention is not None:
+            out = self.attention(q, k, v, attn_mask, dropout)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         out = self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
@@ -189,62 +196,15 @@ class LinearAttention(nn.Module):
         return out, None
 
 
-    def _gated_prompt_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                attn_mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
-        """Attention over the sequence's own tokens, plus ``gate`` times attention over the prompt tokens.
-
-        With the gate at zero every token attends exactly as in the frozen model; the prompts' influence grows as
-        the gate learns (zero-initialised gating, as in LLaMA-Adapter), instead of jumping in at initialisation.
-        """
-        if attn_mask is not None:
-            raise ModelError("deep visual prompts do not support an attention mask in the image tower")
-        n = self.prompt_tokens
-        own = torch.cat([torch.arange(1), torch.arange(n + 1, k.shape[2])]).to(k.device)
-        out = F.scaled_dot_product_attention(q, k[:, :, own], v[:, :, own], dropout_p=dropout)
-        prompted = F.scaled_dot_product_attention(q, k[:, :, 1 : n + 1], v[:, :, 1 : n + 1], dropout_p=dropout)
-        return out + self.prompt_gate().to(out.dtype) * prompted
-
-
-def vision_blocks(visual: nn.Module, model_name: str) -> tuple[nn.ModuleList, bool]:
-    """The residual blocks of open_clip's ViT image tower and whether it runs batch-first; a clear error for a
-    tower that is not a transformer (ModifiedResNet, timm towers)."""
+def vision_blocks(visual: nn.Module, model_name: str, purpose: str = "this method needs a ViT image tower"
+                  ) -> tuple[nn.ModuleList, bool]:
+    """The residual blocks of open_clip's ViT image tower and whether it runs batch-first; a clear error (ending in
+    ``purpose``) for a tower that is not a transformer (ModifiedResNet, timm towers)."""
     transformer = getattr(visual, "transformer", None)
     blocks = getattr(transformer, "resblocks", None)
     if not isinstance(blocks, nn.ModuleList) or not hasattr(visual, "class_embedding"):
-        raise ModelError(f"{model_name} has no open_clip vision transformer ({type(visual).__name__}): "
-                         "deep visual prompts need a ViT image tower")
+        raise ModelError(f"{model_name} has no open_clip vision transformer ({type(visual).__name__}): {purpose}")
     return blocks, bool(getattr(transformer, "batch_first", True))
-
-
-def attach_deep_prompts(visual: nn.Module, model_name: str, tokens: nn.Parameter, gates: nn.Parameter) -> None:
-    """VPT-deep around open_clip's ViT: block i gets ``tokens[i]`` (``[n, width]``) inserted right after the class
-    token at its input and dropped again at its output, so every block sees fresh prompts and the pooled output
-    keeps its shape. Attention to the prompts is scaled by ``tanh(gates[i])`` (see :class:`LinearAttention`)."""
-    blocks, batch_first = vision_blocks(visual, model_name)
-    linearize_attention(visual)
-    n = tokens.shape[1]
-    seq_dim = 1 if batch_first else 0
-
-    for i, block in enumerate(blocks):
-        block.attn.prompt_tokens = n
-        block.attn.prompt_gate = (lambda i=i: torch.tanh(gates[i]))
-
-        def insert(_module: nn.Module, args: tuple, kwargs: dict, i: int = i) -> tuple[tuple, dict]:
-            x = args[0] if args else kwargs.pop("q_x")
-            prompt = tokens[i].to(x.dtype)
-            if batch_first:
-                prompt = prompt.unsqueeze(0).expand(x.shape[0], -1, -1)
-            else:
-                prompt = prompt.unsqueeze(1).expand(-1, x.shape[1], -1)
-            x = torch.cat([x.narrow(seq_dim, 0, 1), prompt, x.narrow(seq_dim, 1, x.shape[seq_dim] - 1)], dim=seq_dim)
-            return (x, *args[1:]), kwargs
-
-        def drop(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
-            rest = output.shape[seq_dim] - n - 1
-            return torch.cat([output.narrow(seq_dim, 0, 1), output.narrow(seq_dim, n + 1, rest)], dim=seq_dim)
-
-        block.register_forward_pre_hook(insert, with_kwargs=True)
-        block.register_forward_hook(drop)
 
 
 def linearize_attention(module: nn.Module) -> int:
@@ -260,13 +220,15 @@ def linearize_attention(module: nn.Module) -> int:
 
 @dataclass
 class Backbone:
-    """The loaded open_clip model (frozen), its tokenizer and its train/eval transforms."""
+    """The loaded open_clip model (frozen), its tokenizer and its train/eval transforms, and the fingerprint of its
+    weights as loaded (:func:`weights_fingerprint`, taken before any adapter is attached)."""
 
     model: nn.Module
     tokenizer: Callable
     train_transform: Callable
     eval_transform: Callable
     spec: ModelSpec
+    weights_fingerprint: str = ""
 
     def token_embedding(self) -> nn.Embedding:
         """open_clip's text token embedding, for methods that learn prompts."""
@@ -302,7 +264,7 @@ def _local_weights_sha(spec: ModelSpec) -> None:
     path = Path(spec.pretrained)
     if not path.is_file():
         raise ModelError(f"the base model's weights file is gone: {path}")
-    if sha256_file(path) != spec.pretrained_sha256:
+    if sha256_of_file(path) != spec.pretrained_sha256:
         raise ModelError(f"the base model's weights file changed since the workspace was created: {path}")
 
 
@@ -352,7 +314,7 @@ def load_backbone(spec: ModelSpec, config_dir: Path | None = None, device: str |
         raise ModelError(f"cannot load {spec.describe()}: {first_line}") from exc
     model.eval()
     model.requires_grad_(False)
-    return Backbone(model, tokenizer, train_transform, eval_transform, spec)
+    return Backbone(model, tokenizer, train_transform, eval_transform, spec, weights_fingerprint(model))
 
 
 def context_tokens(backbone: Backbone, class_names: list[str], n_context: int) -> torch.Tensor:

@@ -26,20 +26,14 @@ import torch
 
 from .backbone import resolve_model_spec
 from .data import ImageItem, class_folders, list_images, stratified_split, task_layout
-from .engine import (
-    Progress,
-    TrainOptions,
-    add_task,
-    heldout_dataset,
-    library_versions,
-    make_accelerator,
-    predict_dataset,
-    require_single_process,
-)
+from .engine import TrainOptions, add_task
 from .errors import ClipclError, DataError
+from .evaluation import heldout_dataset, predict_dataset
 from .inference import stored_matrix
 from .methods import build_config, get_method_class
 from .metrics import continual_metrics
+from .records import TaskRecord
+from .runtime import Progress, library_versions, make_accelerator, require_single_process
 from .storage import atomic_write_json
 from .workspace import Workspace, now_iso
 
@@ -92,11 +86,11 @@ class MethodResult:
 
     @classmethod
     def from_matrix(cls, method: str, matrix: list[list[float | None]], sizes: list[int],
-                    details: Sequence[dict[str, Any]], started: float, **more: Any) -> MethodResult:
-        """The metrics of ``matrix`` and the training cost recorded in the tasks' ``details``."""
+                    records: Sequence[TaskRecord], started: float, **more: Any) -> MethodResult:
+        """The metrics of ``matrix`` and the training cost recorded in the tasks' ``records``."""
         metrics = continual_metrics(matrix, sizes)
-        seconds = sum(d["timings"]["train_s"] for d in details)
-        images = sum(d["timings"]["images_per_s"] * d["timings"]["train_s"] for d in details)
+        seconds = sum(r.timings.train_s for r in records)
+        images = sum(r.timings.images_per_s * r.timings.train_s for r in records)
         return cls(method, matrix, metrics.accuracy_after_task, metrics.avg, metrics.last, metrics.forgetting,
                    metrics.bwt, seconds, images / seconds if seconds > 0 else None, time.perf_counter() - started,
                    **more)
@@ -207,12 +201,13 @@ def run_incremental(method: str, tasks: Sequence[Path], workspace_dir: Path, mod
         progress.info(f"{method}: task {i}/{len(tasks)} ({folder.name})")
         add_task(workspace_dir, folder, _options(settings, name, folder.name), progress)
     workspace = Workspace.open(workspace_dir)
-    details = [workspace.task_json(t) for t in workspace.tasks]
-    matrix, sizes = stored_matrix(details)
-    last = details[-1].get("accuracy") or {}
-    return MethodResult.from_matrix(method, matrix, sizes, details, started, task_id_accuracy=last.get("task_id"),
-                                    encoder_passes_per_image=last.get("encoder_passes_per_image"),
-                                    eval_s=details[-1]["timings"].get("eval_s"))
+    records = [workspace.task_record(t) for t in workspace.tasks]
+    matrix, sizes = stored_matrix(records)
+    last = records[-1].accuracy
+    return MethodResult.from_matrix(method, matrix, sizes, records, started,
+                                    task_id_accuracy=last.task_id if last else None,
+                                    encoder_passes_per_image=last.encoder_passes_per_image if last else None,
+                                    eval_s=records[-1].timings.eval_s)
 
 
 def _link_joint_folder(tasks: Sequence[Path], target: Path) -> list[list[str]]:
@@ -241,7 +236,7 @@ def run_joint(tasks: Sequence[Path], workspace_dir: Path, model: str, pretrained
     workspace = Workspace.open(workspace_dir)
     accelerator = make_accelerator(settings.precision)
     method = workspace.build_method(device=accelerator.device)
-    dataset = heldout_dataset(method, method.tasks[0], report.details)
+    dataset = heldout_dataset(method, method.tasks[0], report.record)
     if dataset is None:
         raise DataError("the joint task has no test images")
     progress.stage_start("evaluating", -(-len(dataset) // settings.batch_size))
@@ -249,7 +244,7 @@ def run_joint(tasks: Sequence[Path], workspace_dir: Path, model: str, pretrained
     result = predict_dataset(method, dataset, accelerator, settings.batch_size, settings.workers, progress)
     progress.stage_end()
     matrix, sizes = seen_class_matrix(result.probs, result.labels, method.classes, task_classes)
-    return MethodResult.from_matrix(JOINT, matrix, sizes, [report.details], started,
+    return MethodResult.from_matrix(JOINT, matrix, sizes, [report.record], started,
                                     encoder_passes_per_image=float(result.encoder_passes.mean()),
                                     eval_s=time.perf_counter() - eval_started, extra={"trained_as": JOINT_METHOD})
 

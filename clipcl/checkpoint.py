@@ -26,6 +26,7 @@ import torch
 
 from .errors import WorkspaceError
 from .failpoints import failpoint
+from .records import RunIdentity
 from .storage import atomic_write_bytes, atomic_write_json, load_tensor_file, read_json, sha256_bytes, tensors_to_bytes
 
 CHECKPOINT_DIR = ".resume"
@@ -98,13 +99,22 @@ def _optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
     return {"state": {int(k): v for k, v in state["state"].items()}, "param_groups": groups}
 
 
+@dataclass(frozen=True)
+class PendingRun:
+    """What the checkpoint's JSON says of an interrupted run, without its tensors: who it is and how far it got."""
+
+    run: RunIdentity
+    stage: int  # index into the method's stages
+    epochs_done: int
+
+
 @dataclass
 class Checkpoint:
     """A run's identity (``run``: task, folder, fingerprint, settings) and its progress: ``stage`` (index into the
     method's stages), that stage's :class:`EpochState`, the trained parameters by name, the finished stages'
     records, and the random state each finished stage ended with (what its ``end_stage`` started from)."""
 
-    run: dict[str, Any]
+    run: RunIdentity
     stage: int
     state: EpochState
     parameters: dict[str, torch.Tensor]
@@ -127,7 +137,8 @@ class Checkpoint:
         atomic_write_bytes(folder / tensor_file, data)
         failpoint("checkpoint")
         atomic_write_json(folder / STATE_JSON, {
-            "format": CHECKPOINT_FORMAT, "run": self.run, "stage": self.stage, "epochs_done": self.state.epochs_done,
+            "format": CHECKPOINT_FORMAT, "run": self.run.to_json(), "stage": self.stage,
+            "epochs_done": self.state.epochs_done,
             "seconds": self.state.seconds, "images": self.state.images, "finished_stages": self.finished_stages,
             "progress": progress, "parameters": sorted(self.parameters), "tensors": tensor_file,
             "sha256": sha256_bytes(data)})
@@ -136,10 +147,10 @@ class Checkpoint:
                 old.unlink(missing_ok=True)
 
     @classmethod
-    def peek(cls, workspace: Path) -> dict[str, Any] | None:
-        """The checkpoint's JSON (its run and progress, no tensors), or ``None`` when there is none."""
+    def _read_info(cls, workspace: Path) -> dict[str, Any] | None:
+        """The checkpoint's JSON, checked to be of a format this clipcl reads; ``None`` when there is none."""
         path = cls.folder(workspace) / STATE_JSON
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             return None
         info = read_json(path)
         if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT:
@@ -148,8 +159,21 @@ class Checkpoint:
         return info
 
     @classmethod
+    def peek(cls, workspace: Path) -> PendingRun | None:
+        """The interrupted run the checkpoint describes (no tensors read), or ``None`` when there is none."""
+        info = cls._read_info(workspace)
+        return None if info is None else cls._pending(workspace, info)
+
+    @classmethod
+    def _pending(cls, workspace: Path, info: dict[str, Any]) -> PendingRun:
+        try:
+            return PendingRun(RunIdentity.from_json(info["run"]), int(info["stage"]), int(info["epochs_done"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WorkspaceError(f"{cls.folder(workspace) / STATE_JSON} is damaged: {exc}") from exc
+
+    @classmethod
     def pending(cls, workspace: Path, next_task: int, on_damaged: Callable[[str], None] | None = None
-                ) -> dict[str, Any] | None:
+                ) -> PendingRun | None:
         """The JSON of the checkpoint an interrupted run of ``next_task`` left, or ``None``: none there, one whose task
         was committed before the clean-up (nothing left to resume), or a damaged one (reported to ``on_damaged``).
         Reads only, so readers of the workspace may call it without the lock."""
@@ -159,13 +183,14 @@ class Checkpoint:
             if on_damaged is not None:
                 on_damaged(str(exc))
             return None
-        return info if info is not None and info["run"]["task"] == next_task else None
+        return info if info is not None and info.run.task == next_task else None
 
     @classmethod
     def load(cls, workspace: Path) -> Checkpoint:
-        info = cls.peek(workspace)
+        info = cls._read_info(workspace)
         if info is None:
             raise WorkspaceError(f"nothing to resume in {workspace}: no add-task was interrupted after an epoch")
+        pending = cls._pending(workspace, info)
         tensor_file = str(info.get("tensors", ""))
         if not tensor_file.startswith(STATE_TENSORS_PREFIX) or "/" in tensor_file or "\\" in tensor_file:
             raise WorkspaceError(f"{cls.folder(workspace) / STATE_JSON} names no checkpoint tensors file")
@@ -175,7 +200,7 @@ class Checkpoint:
                            progress["generator"], progress["rng"], info["seconds"], info["images"],
                            progress["scaler"])
         parameters = {name: tensors[f"param.{name}"] for name in info["parameters"]}
-        return cls(info["run"], info["stage"], state, parameters, info["finished_stages"], progress["stage_rng"])
+        return cls(pending.run, pending.stage, state, parameters, info["finished_stages"], progress["stage_rng"])
 
     @classmethod
     def discard(cls, workspace: Path) -> None:

@@ -7,6 +7,7 @@ usage error (also code 2). Anything else is a bug: one line naming it, exit code
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,12 +22,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from typer.core import TyperGroup
 
-from . import __version__
 from .checkpoint import Checkpoint
-from .engine import PRECISIONS, RESUMED_OPTIONS, TaskReport, TrainOptions, add_task, default_workers
-from .engine import Progress as EngineProgress
+from .engine import TaskReport, TrainOptions, add_task
 from .errors import ClipclError
 from .methods import available_methods
+from .reading import DEFAULT_MAX_IMAGE_BYTES, MIB
+from .runtime import PRECISIONS, default_workers
+from .runtime import Progress as EngineProgress
+from .version import __version__
 from .workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
 
 DEBUG_ENV = "CLIPCL_DEBUG"
@@ -115,6 +118,9 @@ InferenceSetOption = Annotated[
                       "stored."),
 ]
 WorkersOption = Annotated[int, typer.Option(help="Data-loading worker processes.", min=0)]
+DEFAULT_MAX_IMAGE_MB = DEFAULT_MAX_IMAGE_BYTES // MIB
+MaxImageOption = Annotated[float, typer.Option("--max-image-mb", metavar="MIB",
+                                               help="Skip image files larger than this, without reading them.")]
 
 
 def _version_callback(value: bool) -> None:
@@ -208,21 +214,21 @@ def _percent(value: float | None) -> str:
 
 
 def _report_table(report: TaskReport) -> Table:
-    d = report.details
-    table = Table(title=f"task {d['id']}: {d['name']}", show_header=True)
+    record = report.record
+    table = Table(title=f"task {record.id}: {record.name}", show_header=True)
     for column in ("classes", "train images", "held-out", "epochs", "wall time", "images/s", "acc (this task)",
                    "acc (all tasks)"):
         table.add_column(column, justify="right")
-    acc = report.accuracy
+    accuracy = record.accuracy
     table.add_row(
-        str(len(d["classes"])),
-        str(sum(d["counts"]["train"].values())),
-        str(sum(d["counts"]["heldout"].values())),
-        str(d["training"]["epochs"]),
-        f"{d['timings']['train_s']:.1f}s",
-        f"{d['timings']['images_per_s']:.1f}",
-        _percent(acc.get("task")),
-        _percent(acc.get("all")),
+        str(len(record.classes)),
+        str(record.train_images),
+        str(record.heldout_images),
+        str(record.training.epochs),
+        f"{record.timings.train_s:.1f}s",
+        f"{record.timings.images_per_s:.1f}",
+        _percent(accuracy.task if accuracy else None),
+        _percent(accuracy.all if accuracy else None),
     )
     return table
 
@@ -251,21 +257,21 @@ def add_task_command(
                                                           "epoch, with its folder and settings.")] = False,
     wait: Annotated[float, typer.Option(help="Seconds to wait for another clipcl process writing the workspace "
                                              "(default: fail at once).", min=0.0)] = 0.0,
+    max_image_mb: MaxImageOption = DEFAULT_MAX_IMAGE_MB,
 ) -> None:
     """Learn a folder of classes as the workspace's next task, then evaluate and store it."""
-    if resume:
-        given = [f"--{key.replace('_', '-')}" for key in (*RESUMED_OPTIONS, "name")
-                 if getattr(ctx.get_parameter_source(key), "name", None) == "COMMANDLINE"]
-        if given:
-            raise ClipclError(f"--resume continues with the interrupted run's settings: drop {', '.join(given)}")
-    options = TrainOptions(name=name, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, holdout=holdout,
-                           precision=precision, workers=workers, evaluate=evaluate, epochs_stage2=epochs_stage2,
-                           lock_wait=wait)
+    values = {"name": name, "epochs": epochs, "epochs_stage2": epochs_stage2, "batch_size": batch_size, "lr": lr,
+              "seed": seed, "holdout": holdout, "precision": precision, "workers": workers,
+              "max_image_mb": max_image_mb}
+    # what the command line gave; the rest stays unset (the library's defaults, or a resumed run's settings)
+    given = {key: value for key, value in values.items()
+             if getattr(ctx.get_parameter_source(key), "name", None) == "COMMANDLINE"}
+    options = TrainOptions(**given, evaluate=evaluate, lock_wait=wait)
     report = add_task(workspace, folder, options, RichProgress(), resume=resume)
     if not report.is_main_process:
         return
     out().print(_report_table(report))
-    out().print(f"Stored task {report.details['id']} in {Path(workspace) / report.task.dir}")
+    out().print(f"Stored task {report.record.id} in {Path(workspace) / report.task.dir}")
 
 
 @app.command()
@@ -277,24 +283,23 @@ def tasks(
     ws = Workspace.open(workspace)
     rows = []
     for task in ws.tasks:
-        details = ws.task_json(task)
+        record = ws.task_record(task)
         rows.append({
             "id": task.info.index,
             "name": task.name,
             "classes": list(task.info.classes),
-            "train_images": sum(details["counts"]["train"].values()),
-            "heldout_images": sum(details["counts"]["heldout"].values()),
-            "tensor_bytes": details["tensors"]["bytes"],
+            "train_images": record.train_images,
+            "heldout_images": record.heldout_images,
+            "tensor_bytes": record.tensors.bytes if record.tensors else 0,
             "created_at": task.created_at,
-            "epochs": details["training"]["epochs"],
-            "accuracy": details.get("accuracy"),
-            "method": details.get("method") or {},
+            "epochs": record.training.epochs,
+            "accuracy": None if record.accuracy is None else dataclasses.asdict(record.accuracy),
+            "method": record.method,
         })
     interrupted = Checkpoint.pending(ws.path, len(rows) + 1)  # add-task reports a damaged one and replaces it
     resumable = None if interrupted is None else {
-        "task": interrupted["run"]["task"], "name": interrupted["run"]["name"],
-        "folder": interrupted["run"]["folder"], "stage": interrupted["stage"] + 1,
-        "epochs_done": interrupted["epochs_done"]}
+        "task": interrupted.run.task, "name": interrupted.run.name, "folder": interrupted.run.folder,
+        "stage": interrupted.stage + 1, "epochs_done": interrupted.epochs_done}
     if as_json:
         summary = {"workspace": str(ws.path), "model": ws.model_spec.describe(), "method": ws.method_name,
                    "method_config": ws.method_config, "classes": ws.classes, "tasks": rows,
@@ -345,19 +350,34 @@ def predict(
     set_: InferenceSetOption = None,
     workers: WorkersOption = DEFAULT_WORKERS,
     precision: PrecisionOption = "fp32",
+    max_image_mb: MaxImageOption = DEFAULT_MAX_IMAGE_MB,
 ) -> None:
     """Predict the classes of images over everything the workspace has learned.
 
     An image that cannot be read gets an error line of its own; the others are still predicted, and the exit code
-    is 1 at the end.
+    is 1 at the end. Entries of a folder that are not regular files (a FIFO, a socket, a device) are skipped with a
+    warning and never opened.
     """
     from .inference import expand_image_paths, predict_images
 
-    files, unmatched = expand_image_paths(paths)
+    not_files: dict[str, str] = {}
+
+    def skipped(path: Path, why: str) -> None:
+        not_files[str(path)] = why
+
+    files, unmatched = expand_image_paths(paths, on_skip=skipped)
+    named = {str(Path(pattern).expanduser()) for pattern in unmatched}
+    for path, why in not_files.items():
+        if path not in named:
+            RichProgress().warn(f"skipped {path}: {why}")
+
+    def why_unmatched(pattern: str) -> str:
+        return not_files.get(str(Path(pattern).expanduser()), "no such file, folder or matching image")
+
     if not files:
-        raise ClipclError(f"no image found at {', '.join(paths)}")
+        raise ClipclError(f"no image found at {'; '.join(f'{p} ({why_unmatched(p)})' for p in paths)}")
     predictions = predict_images(workspace, files, top_k=top_k, route=route, batch_size=batch_size, workers=workers,
-                                 precision=precision, options=_parse_sets(set_ or []))
+                                 precision=precision, options=_parse_sets(set_ or []), max_image_mb=max_image_mb)
     failures = 0
 
     def report_error(path: str, message: str) -> None:
@@ -369,7 +389,7 @@ def predict(
             err().print(f"error: {escape(path)}: {escape(message)}", highlight=False, soft_wrap=True)
 
     for pattern in unmatched:
-        report_error(pattern, "no such file, folder or matching image")
+        report_error(pattern, why_unmatched(pattern))
     table = Table(show_header=True)
     for column, justify in (("image", "left"), ("class", "left"), ("task", "left"), ("prob", "right")):
         table.add_column(column, justify=justify, overflow="fold")

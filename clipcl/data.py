@@ -5,7 +5,9 @@ evaluation) or ``<root>/train/<class>/...`` with ``<root>/test/<class>/...`` (or
 given. Sub-folder names are the class names, with ``_`` shown as a space.
 
 Every image is decoded once while scanning, so a corrupt file is reported (and skipped) before any training starts,
-and the bytes read feed the data fingerprint recorded with the task.
+and the bytes read feed the data fingerprint recorded with the task. Only regular files are images: a FIFO, a socket,
+a device or a link to one, and a link loop, are skipped with a warning and never opened; every read is bounded by a
+size limit (:mod:`clipcl.reading`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import DataError
+from .reading import DEFAULT_MAX_IMAGE_BYTES, InputError, format_size, read_bounded, regular_file_problem
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 TEST_SPLIT_NAMES = ("test", "val")
@@ -80,14 +83,23 @@ def load_image(source: Path | bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-def list_images(directory: Path) -> list[Path]:
-    """All image files below ``directory``; symbolic links to folders are not followed (no loops)."""
+def list_images(directory: Path, on_skip: Callable[[Path, str], None] | None = None) -> list[Path]:
+    """All image files below ``directory``: names with an image suffix that resolve to a regular file. Symbolic
+    links to folders are not followed (no loops); an entry named like an image that is not a regular file (a FIFO, a
+    socket, a device, a broken link, a link loop) is left out and reported to ``on_skip`` with the reason, without
+    being opened."""
     found: list[Path] = []
     for current, dirnames, filenames in os.walk(directory, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                found.append(Path(current) / name)
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            path = Path(current) / name
+            problem = regular_file_problem(path)
+            if problem is None:
+                found.append(path)
+            elif on_skip is not None:
+                on_skip(path, problem)
     return found
 
 
@@ -95,23 +107,30 @@ def class_folders(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def load_image_checked(source: Path | bytes) -> Image.Image:
-    """:func:`load_image` for files from outside: an image over Pillow's decompression-bomb limit is refused."""
+def load_image_checked(source: Path | bytes, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Image.Image:
+    """:func:`load_image` for files from outside: a path is read only if it is a regular file of at most
+    ``max_bytes`` (:func:`clipcl.reading.read_bounded`), and an image over Pillow's decompression-bomb limit is
+    refused."""
+    data = source if isinstance(source, bytes) else read_bounded(source, max_bytes)
+    if len(data) > max_bytes:
+        raise ValueError(f"{format_size(len(data))}, over the limit of {format_size(max_bytes)}")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return load_image(source)
+        return load_image(data)
 
 
 def why_unreadable(exc: Exception) -> str:
-    """One line saying why an image could not be decoded."""
+    """One line saying why an image could not be read or decoded."""
+    if isinstance(exc, InputError):  # says it in words already: not a regular file, too large, no permission
+        return str(exc)
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
-def _check_image(path: Path) -> tuple[str | None, str]:
+def _check_image(path: Path, max_bytes: int) -> tuple[str | None, str]:
     """Return (sha256 of the bytes, "") for a decodable image, or (None, reason) for one that is not."""
     try:
-        data = path.read_bytes()
-        load_image_checked(data)
+        data = read_bounded(path, max_bytes)
+        load_image_checked(data, max_bytes)
     except Exception as exc:  # Pillow raises many types for corrupt data; every one means "skip this file"
         return None, why_unreadable(exc)
     return hashlib.sha256(data).hexdigest(), ""
@@ -162,11 +181,14 @@ def scan_task_folder(
     seed: int = 0,
     workers: int = 4,
     on_skip: Callable[[str, str], None] | None = None,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> TaskData:
     """Read a task folder, validate it, and split it into train and held-out images.
 
-    Raises :class:`DataError` for a folder that cannot be a task: missing, no class sub-folders, a class with no
-    readable image, or a ``test/`` split naming a class that ``train/`` lacks.
+    Files that cannot be images (not regular files, over ``max_image_bytes``, unreadable or not decodable) are
+    skipped, recorded and reported to ``on_skip`` with the reason. Raises :class:`DataError` for a folder that cannot
+    be a task: missing, no class sub-folders, a class with no readable image, or a ``test/`` split naming a class
+    that ``train/`` lacks.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -180,29 +202,34 @@ def scan_task_folder(
     class_dirs, classes, test_dir = layout.class_dirs, layout.classes, layout.test_dir
     folder_split = test_dir is not None
 
+    skipped: list[str] = []
+
+    def skip(path: Path, reason: str) -> None:
+        relpath = path.relative_to(root).as_posix()
+        skipped.append(relpath)
+        if on_skip is not None:
+            on_skip(relpath, reason)
+
     sources: list[tuple[str, int, Path]] = []  # (split, label, path)
     for label, folder in enumerate(class_dirs):
-        sources.extend(("train", label, p) for p in list_images(folder))
+        sources.extend(("train", label, p) for p in list_images(folder, on_skip=skip))
     if test_dir is not None:
         by_name = {class_name_from_folder(f.name).casefold(): i for i, f in enumerate(class_dirs)}
         for folder in class_folders(test_dir):
             label = by_name.get(class_name_from_folder(folder.name).casefold())
             if label is None:
                 raise DataError(f"{test_dir.name}/ has a class that train/ lacks: {folder.name}")
-            sources.extend(("test", label, p) for p in list_images(folder))
+            sources.extend(("test", label, p) for p in list_images(folder, on_skip=skip))
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        checks = list(pool.map(lambda source: _check_image(source[2]), sources))
+        checks = list(pool.map(lambda source: _check_image(source[2], max_image_bytes), sources))
 
     readable: list[tuple[str, int, str]] = []
-    skipped: list[str] = []
     fingerprint = hashlib.sha256()
     for (split, label, path), (digest, reason) in zip(sources, checks, strict=True):
         relpath = path.relative_to(root).as_posix()
         if digest is None:
-            skipped.append(relpath)
-            if on_skip is not None:
-                on_skip(relpath, reason)
+            skip(path, reason)
             continue
         readable.append((split, label, relpath))
         fingerprint.update(f"{split}\t{relpath}\t{digest}\n".encode())
@@ -256,13 +283,15 @@ def stratified_split(
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images of one task, decoded on access and labelled with global class indices."""
+    """Images of one task, decoded on access (with the scan's bounds) and labelled with global class indices."""
 
-    def __init__(self, root: Path, items: Sequence[ImageItem], transform: Callable, label_offset: int = 0) -> None:
+    def __init__(self, root: Path, items: Sequence[ImageItem], transform: Callable, label_offset: int = 0,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> None:
         self.root = Path(root)
         self.items = list(items)
         self.transform = transform
         self.label_offset = label_offset
+        self.max_image_bytes = max_image_bytes
 
     def __len__(self) -> int:
         return len(self.items)
@@ -271,7 +300,7 @@ class ImageDataset(torch.utils.data.Dataset):
         item = self.items[index]
         path = self.root / item.relpath
         try:
-            image = load_image(path)
+            image = load_image_checked(path, self.max_image_bytes)
         except Exception as exc:
             raise DataError(f"cannot read {path} (it was readable when the task was scanned): {exc}") from exc
         return self.transform(image), item.label + self.label_offset

@@ -1,19 +1,30 @@
-"""The training engine: learn one folder as the next task of a workspace.
+"""The training engine: learn one folder as the next task of a workspace (``clipcl add-task``).
 
 One loop, driven by Accelerate (CPU, one GPU, several GPUs or machines under ``accelerate launch``), that knows
-nothing about any method: the method names its trainable parameters and returns its loss; the engine optimises,
-reports progress, evaluates every task learned so far on its held-out images, and commits the task to the
-workspace. Nothing is written before the commit, so an exception anywhere leaves the workspace as it was.
+nothing about any method: the method names its trainable parameters and returns its loss, the engine optimises.
+:func:`add_task` runs in named parts, each a function below:
+
+1. :func:`resolve_run` - which run this is: a fresh one with the caller's settings, or the interrupted one that
+   ``resume`` continues with its own folder and settings (given settings are refused then);
+2. :func:`prepare_task` - under the workspace's write lock: scan the folder, check the classes and the name, and
+   find the checkpoint to continue (or discard a stale one);
+3. :func:`train_task` - build the method, train each of its stages with an epoch checkpoint after every epoch, and
+   let the method gather its statistics;
+4. :func:`build_record` - the task's :class:`~clipcl.records.TaskRecord`;
+5. :func:`evaluate_after_task` - every task's held-out accuracy (:mod:`clipcl.evaluation`), row ``i`` of the
+   accuracy matrix;
+6. :func:`commit` - store the task (:meth:`clipcl.workspace.Workspace.commit_task`) and drop the checkpoint.
+
+Nothing is written to the committed state before the commit, so an exception anywhere leaves the workspace as it
+was.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import platform
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,121 +33,363 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from . import __version__
 from .checkpoint import Checkpoint, EpochState, capture_rng, restore_rng
-from .data import ImageDataset, ImageItem, TaskData, scan_task_folder
+from .data import ImageDataset, TaskData, scan_task_folder
 from .errors import ClipclError, DataError, WorkspaceError
+from .evaluation import evaluate_tasks, heldout_dataset
 from .failpoints import failpoint
-from .methods import Method, Route, TaskInfo, get_method_class
+from .methods import Method, TaskInfo, get_method_class
+from .reading import DEFAULT_MAX_IMAGE_BYTES, MIB
+from .records import RunIdentity, TaskAccuracy, TaskCounts, TaskRecord, TaskSource, TaskTimings, TrainingSettings
+from .runtime import (
+    Progress,
+    check_loader_options,
+    check_max_image_mb,
+    default_workers,
+    library_versions,
+    make_accelerator,
+    make_loader,
+)
 from .workspace import StoredTask, Workspace, validate_task_name
 
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
+# the settings an interrupted run continues with (recorded in its checkpoint); None in TrainOptions means "not given"
+RESUMED_OPTIONS = ("epochs", "epochs_stage2", "batch_size", "lr", "seed", "holdout", "precision", "workers",
+                   "max_image_mb")
+DEFAULTS: dict[str, Any] = {"batch_size": 32, "seed": 0, "holdout": 0.2, "precision": "fp32",
+                            "max_image_mb": DEFAULT_MAX_IMAGE_BYTES / MIB}
 
 
 @dataclass
 class TrainOptions:
-    """Settings of one ``add-task`` run; ``None`` means the method's default."""
+    """Settings of one ``add-task`` run. ``None`` means "not given": the method's default for ``epochs`` and
+    ``lr``, the library's (:data:`DEFAULTS`, :func:`~clipcl.runtime.default_workers`) for the rest. A resumed run
+    takes every one of :data:`RESUMED_OPTIONS` from its checkpoint, so giving one with ``resume`` is refused."""
 
     name: str | None = None
     epochs: int | None = None
-    batch_size: int = 32
+    batch_size: int | None = None
     lr: float | None = None
-    seed: int = 0
-    holdout: float = 0.2
-    precision: str = "fp32"
-    workers: int = field(default_factory=default_workers)
+    seed: int | None = None
+    holdout: float | None = None
+    precision: str | None = None
+    workers: int | None = None
     evaluate: bool = True
     lock_wait: float = 0.0
     epochs_stage2: int | None = None  # methods that train in two stages: epochs of the second (default: epochs)
+    max_image_mb: float | None = None  # larger image files are skipped, never read
+
+    def given(self) -> list[str]:
+        """The resumed settings (and the name) this run was given."""
+        return [key for key in ("name", *RESUMED_OPTIONS) if getattr(self, key) is not None]
+
+    def resolved(self) -> TrainOptions:
+        """These options with the library's defaults filled in (``epochs`` and ``lr`` stay the method's to fill)."""
+        defaults = {**DEFAULTS, "workers": default_workers()}
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def check(self) -> None:
         """Refuse settings that cannot train, before anything is loaded."""
-        check_loader_options(self.batch_size, self.workers)
+        options = self.resolved()
+        check_loader_options(options.batch_size, options.workers)
+        check_max_image_mb(options.max_image_mb)
         if any(e is not None and e < 0 for e in (self.epochs, self.epochs_stage2)):
             raise ClipclError("--epochs cannot be negative")
         if self.lr is not None and not self.lr > 0:
             raise ClipclError("--lr must be positive")
-
-
-class Progress:
-    """What the engine tells its caller while it works; the CLI draws it with rich, the library stays silent."""
-
-    def warn(self, message: str) -> None:
-        """Something the user should know that does not stop the run (a skipped file, a missing test folder)."""
-
-    def info(self, message: str) -> None:
-        """Where a longer run stands (which method, which task)."""
-
-    def stage_start(self, description: str, total: int) -> None:
-        """A stage of ``total`` steps begins (scanning, an epoch loop, evaluation)."""
-
-    def stage_advance(self, steps: int = 1, **metrics: float) -> None:
-        """``steps`` more steps are done; ``metrics`` are running figures such as ``loss`` or ``images_per_s``."""
-
-    def stage_end(self) -> None:
-        """The current stage is finished."""
+        if not 0.0 <= options.holdout < 1.0:
+            raise ClipclError(f"--holdout must be in [0, 1), got {options.holdout}")
 
 
 @dataclass
 class TaskReport:
-    """The outcome of an ``add-task`` run, as stored in the task's ``task.json``."""
+    """The outcome of an ``add-task`` run: the stored task and its record (what its ``task.json`` holds)."""
 
     task: StoredTask
-    details: dict[str, Any]
+    record: TaskRecord
     is_main_process: bool = True
 
+
+# --- 1. which run ---------------------------------------------------------------------------------------------------
+@dataclass
+class RunPlan:
+    """What :func:`add_task` will do: learn ``folder`` into ``workspace`` with ``options`` (resolved), continuing an
+    interrupted run when ``resume``."""
+
+    workspace: Workspace
+    folder: Path | str
+    options: TrainOptions
+    resume: bool
+
+
+def resolve_run(workspace_path: Path | str, folder: Path | str | None, options: TrainOptions,
+                resume: bool) -> RunPlan:
+    """Open the workspace and settle the folder and settings. ``resume`` continues the interrupted run with its own
+    folder (``folder`` may be ``None``, or must name the same one) and its own settings: giving any of them is
+    refused, in the Python API as on the command line."""
+    workspace = Workspace.open(workspace_path)
+    if resume:
+        given = options.given()
+        if given:
+            flags = ", ".join(f"--{key.replace('_', '-')}" for key in given)
+            raise ClipclError(f"--resume continues with the interrupted run's settings: drop {flags}")
+        interrupted = Checkpoint.peek(workspace.path)  # its folder and settings; the whole of it is read under the lock
+        if interrupted is None:
+            raise WorkspaceError(f"nothing to resume in {workspace.path}: no add-task was interrupted after an epoch")
+        if folder is not None and Path(folder).expanduser().resolve() != Path(interrupted.run.folder):
+            raise ClipclError(f"--resume continues the interrupted run on {interrupted.run.folder}, not {folder}")
+        folder = interrupted.run.folder
+        options = dataclasses.replace(options, name=interrupted.run.name, **interrupted.run.options)
+    elif folder is None:
+        raise ClipclError("add-task needs a FOLDER (or --resume to continue an interrupted run)")
+    options.check()
+    return RunPlan(workspace, folder, options.resolved(), resume)
+
+
+# --- 2. the task, under the lock ------------------------------------------------------------------------------------
+@dataclass
+class PreparedTask:
+    """The scanned task and everything its training needs to know before the method is built."""
+
+    plan: RunPlan
+    data: TaskData
+    task: TaskInfo
+    name: str
+    epochs: int
+    lr: float
+    stage_epochs: list[int]  # per training stage of the method
+    identity: RunIdentity
+    checkpoint: Checkpoint | None  # the interrupted run's state, when resuming
+    scan_seconds: float
+
     @property
-    def accuracy(self) -> dict[str, Any]:
-        return self.details.get("accuracy") or {}
+    def max_image_bytes(self) -> int:
+        return check_max_image_mb(self.plan.options.max_image_mb)
 
 
-def make_accelerator(precision: str) -> Any:
-    from accelerate import Accelerator
-
-    if precision not in PRECISIONS:
-        raise ClipclError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise ClipclError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-    try:
-        return Accelerator(mixed_precision=PRECISIONS[precision])
-    except ValueError as exc:
-        raise ClipclError(f"cannot use --precision {precision}: {exc}") from exc
+def _check_new_classes(workspace: Workspace, data: TaskData) -> None:
+    known = {name.casefold(): name for name in workspace.classes}
+    clashes = [name for name in data.classes if name.casefold() in known]
+    if clashes:
+        owners = {e["name"].casefold(): e["task"] for e in workspace.manifest["classes"]}
+        listed = ", ".join(f"{c!r} (task {owners[c.casefold()]})" for c in clashes)
+        raise DataError(f"class already learned by an earlier task: {listed}; tasks must have disjoint classes")
+    if not workspace.tasks and len(data.classes) < 2:
+        raise DataError(f"the first task needs at least two classes, {data.root} has {len(data.classes)}")
 
 
-def check_loader_options(batch_size: int, workers: int) -> None:
-    if batch_size < 1 or workers < 0:
-        raise ClipclError("--batch-size must be at least 1 and --workers at least 0")
+def _check_resumable(checkpoint: Checkpoint, identity: RunIdentity, workspace: Path) -> None:
+    run = checkpoint.run
+    if run.task < identity.task:
+        Checkpoint.discard(workspace)
+        raise WorkspaceError(f"task {run.task} ({run.name}) was committed before the interruption: nothing to resume")
+    if run.task != identity.task or run.method != identity.method:
+        raise WorkspaceError(f"the interrupted run was task {run.task} of method {run.method}; the workspace now "
+                             f"expects task {identity.task}: start over without --resume")
+    if run.fingerprint != identity.fingerprint:
+        raise DataError(f"{identity.folder} changed since the interrupted run (files added, removed or modified): "
+                        "start over without --resume")
+    if run.processes != identity.processes:
+        raise ClipclError(f"the interrupted run used {run.processes} process(es), this one {identity.processes}: "
+                          "resume it the way it was started")
 
 
-def require_single_process(command: str) -> None:
-    """Refuse a command that does not split its work across processes when started under torchrun or Accelerate."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ClipclError(f"{command} runs in one process: start it without torchrun or accelerate launch")
+def prepare_task(plan: RunPlan, accelerator: Any, progress: Progress) -> PreparedTask:
+    """Scan the folder into the workspace's next task, check it, and find the checkpoint this run continues (with
+    ``resume``) or replaces. Call under the write lock."""
+    workspace, options = plan.workspace, plan.options
+    started = time.perf_counter()
+    data = scan_task_folder(plan.folder, options.holdout, options.seed, workers=max(1, options.workers),
+                            on_skip=lambda relpath, why: progress.warn(f"skipped {relpath}: {why}"),
+                            max_image_bytes=check_max_image_mb(options.max_image_mb))
+    if data.skipped:
+        progress.warn(f"{len(data.skipped)} file(s) skipped in {data.root}: not images, unreadable, or over the size "
+                      f"limit (--max-image-mb {options.max_image_mb:g})")
+    failpoint("scan")
+    _check_new_classes(workspace, data)
+    name = validate_task_name(options.name or data.root.name)
+    if any(task.name == name for task in workspace.tasks):
+        raise DataError(f"a task named {name!r} exists already: pass --name")
+    scan_seconds = time.perf_counter() - started
+
+    method_class = get_method_class(workspace.method_name)
+    if options.epochs_stage2 is not None and len(method_class.stages) < 2:
+        raise ClipclError(f"method {method_class.name} trains in one stage: drop --epochs-stage2")
+    epochs = method_class.default_epochs if options.epochs is None else options.epochs
+    later_epochs = epochs if options.epochs_stage2 is None else options.epochs_stage2
+    task = TaskInfo(index=workspace.next_task_index(), classes=tuple(data.classes), offset=len(workspace.classes))
+    identity = RunIdentity(task.index, name, str(data.root), data.fingerprint, workspace.method_name,
+                           {key: getattr(options, key) for key in RESUMED_OPTIONS}, accelerator.num_processes)
+    checkpoint = None
+    if plan.resume:
+        checkpoint = Checkpoint.load(workspace.path)
+        _check_resumable(checkpoint, identity, workspace.path)
+        progress.info(f"resuming task {task.index} ({name}) after epoch {checkpoint.state.epochs_done} of stage "
+                      f"{checkpoint.stage + 1}")
+    else:
+        interrupted = Checkpoint.pending(workspace.path, task.index, on_damaged=lambda why: progress.warn(
+            f"ignoring a damaged checkpoint of an interrupted add-task ({why})"))
+        if interrupted is None and accelerator.is_main_process:
+            Checkpoint.discard(workspace.path)  # damaged, or its task committed: nothing there to resume
+        elif interrupted is not None:
+            progress.warn(f"starting over: the checkpoint of the interrupted add-task of {interrupted.run.folder} "
+                          "will be replaced (use --resume to continue it instead)")
+    return PreparedTask(plan, data, task, name, epochs, options.lr or method_class.default_lr,
+                        [epochs] + [later_epochs] * (len(method_class.stages) - 1), identity, checkpoint,
+                        scan_seconds)
 
 
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+# --- 3. training ----------------------------------------------------------------------------------------------------
+@dataclass
+class TrainedTask:
+    """The method with the new task learned, and what each of its training stages did."""
 
-    versions = {"clipcl": __version__, "python": platform.python_version()}
-    for package in ("torch", "open_clip_torch", "peft", "accelerate", "safetensors"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "unknown"
-    return versions
+    method: Method
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def seconds(self) -> float:
+        return sum(s["train_s"] for s in self.stages)
 
-def _loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, shuffle: bool = False,
-            seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+    @property
+    def images_per_s(self) -> float:
+        return sum(s["images"] for s in self.stages) / self.seconds if self.seconds > 0 else 0.0
 
 
+def train_task(prepared: PreparedTask, accelerator: Any, progress: Progress) -> TrainedTask:
+    """Build the method with every stored task, learn the new one stage by stage (continuing the checkpoint's run
+    where there is one, and writing a checkpoint after every epoch), and let the method gather its statistics."""
+    from accelerate.utils import set_seed
+
+    options, task, data, checkpoint = prepared.plan.options, prepared.task, prepared.data, prepared.checkpoint
+    workspace = prepared.plan.workspace
+    set_seed(options.seed)
+    method = workspace.build_method(device=accelerator.device)
+    method.begin(task)
+    limit = prepared.max_image_bytes
+    train_set = ImageDataset(data.root, data.train, method.backbone.train_transform, task.offset, limit)
+    stats_set = ImageDataset(data.root, data.train, method.backbone.eval_transform, task.offset, limit)
+    stages: list[dict[str, Any]] = list(checkpoint.finished_stages) if checkpoint is not None else []
+    stage_rng: list[dict[str, Any]] = list(checkpoint.stage_rng) if checkpoint is not None else []
+    names = {id(param): param_name for param_name, param in method.named_parameters()}
+    trained: dict[str, torch.nn.Parameter] = {}
+    if checkpoint is not None:
+        _load_parameters(method, checkpoint.parameters)
+    for number, (stage, n_epochs) in enumerate(zip(method.stages, prepared.stage_epochs, strict=True), start=1):
+        method.begin_stage(stage)
+        label = f"{stage}: " if len(method.stages) > 1 else ""
+        trained.update({names[id(p)]: p for p in method.trainable_parameters()})
+        start = None
+        if checkpoint is not None and number - 1 <= checkpoint.stage:
+            _load_parameters(method, checkpoint.parameters)  # after begin_stage, which may set up parameters
+            start = checkpoint.state if number - 1 == checkpoint.stage else None
+
+        def save_checkpoint(state: EpochState, stage_index: int = number - 1) -> None:
+            if not accelerator.is_main_process:
+                return
+            try:
+                Checkpoint(prepared.identity, stage_index, state, trained, stages, stage_rng).save(workspace.path)
+            except (OSError, TypeError, ValueError) as exc:  # a checkpoint is insurance: never stop training
+                progress.warn(f"could not write the epoch checkpoint ({exc}); training goes on without it")
+
+        if checkpoint is None or number - 1 >= checkpoint.stage:
+            run = train_method(method, train_set, accelerator, n_epochs, options.batch_size, prepared.lr,
+                               options.workers, options.seed, progress, label, start=start, on_epoch=save_checkpoint)
+            stages.append({"stage": stage, "epochs": n_epochs, "steps": run["steps"],
+                           "train_s": round(run["seconds"], 3), "images": run["images"]})
+            stage_rng.append(capture_rng())  # what end_stage starts from, for a resume in a later stage
+        else:
+            restore_rng(checkpoint.stage_rng[number - 1])  # end_stage may draw (dmc-ot's calibration samples)
+        if number < len(method.stages):
+            method.end_stage(stage, _advancing(make_loader(stats_set, options.batch_size, options.workers), progress,
+                                               f"{label}statistics"))
+    method.finish(_advancing(make_loader(stats_set, options.batch_size, options.workers), progress,
+                             "class statistics"))
+    return TrainedTask(method, stages)
+
+
+# --- 4. the record --------------------------------------------------------------------------------------------------
+def build_record(prepared: PreparedTask, trained: TrainedTask, accelerator: Any) -> TaskRecord:
+    """The new task's ``task.json``, without its evaluation (:func:`evaluate_after_task`) and its tensor file (set
+    by the commit)."""
+    options, data, workspace = prepared.plan.options, prepared.data, prepared.plan.workspace
+    return TaskRecord(
+        id=prepared.task.index,
+        name=prepared.name,
+        classes=list(prepared.task.classes),
+        source=TaskSource(str(data.root), data.split, data.holdout, data.fingerprint, prepared.max_image_bytes),
+        counts=TaskCounts(data.counts(data.train), data.counts(data.test), len(data.skipped)),
+        skipped_files=list(data.skipped),
+        heldout_files=[(item.relpath, item.label) for item in data.test],
+        training=TrainingSettings(
+            method=workspace.method_name, method_config=workspace.method_config, epochs=prepared.epochs,
+            batch_size=options.batch_size, lr=prepared.lr, seed=options.seed, precision=options.precision,
+            workers=options.workers, steps=sum(s["steps"] for s in trained.stages),
+            processes=accelerator.num_processes, device=str(accelerator.device)),
+        timings=TaskTimings(round(prepared.scan_seconds, 3), round(trained.seconds, 3),
+                            round(trained.images_per_s, 2), trained.stages if len(trained.stages) > 1 else None),
+        method=trained.method.task_metadata(prepared.task),
+        versions=library_versions(),
+    )
+
+
+# --- 5. evaluation --------------------------------------------------------------------------------------------------
+def evaluate_after_task(prepared: PreparedTask, method: Method, record: TaskRecord, accelerator: Any,
+                        progress: Progress) -> None:
+    """Every task's held-out accuracy with the new task learned (the method's default route): fills
+    ``record.accuracy`` (row ``i`` of the accuracy matrix) and the evaluation's wall time."""
+    options, data, task = prepared.plan.options, prepared.data, prepared.task
+    workspace = prepared.plan.workspace
+    started = time.perf_counter()
+    sets = [(stored.info, heldout_dataset(method, stored.info, workspace.task_record(stored)))
+            for stored in workspace.tasks]
+    sets.append((task, ImageDataset(data.root, data.test, method.backbone.eval_transform, task.offset,
+                                    prepared.max_image_bytes) if data.test else None))
+    result = evaluate_tasks(method, sets, accelerator, options.batch_size, options.workers, progress)
+    record.accuracy = TaskAccuracy(result.per_task[-1], result.accuracy, result.per_task, result.task_id_accuracy,
+                                   result.encoder_passes_per_image)
+    record.timings.eval_s = round(time.perf_counter() - started, 3)
+
+
+# --- 6. commit ------------------------------------------------------------------------------------------------------
+def commit(prepared: PreparedTask, method: Method, record: TaskRecord, accelerator: Any) -> StoredTask:
+    """Store the task from the main process (the others wait) and drop the checkpoint it no longer needs."""
+    tensors = method.task_tensors()
+    accelerator.wait_for_everyone()
+    workspace = prepared.plan.workspace
+    if accelerator.is_main_process:
+        stored = workspace.commit_task(prepared.task, record, tensors, method.backbone.weights_fingerprint)
+        failpoint("committed")
+        Checkpoint.discard(workspace.path)
+    else:
+        stored = StoredTask(prepared.task, prepared.name, f"tasks/task-{prepared.task.index:03d}", {}, "")
+    accelerator.wait_for_everyone()
+    return stored
+
+
+def add_task(workspace_path: Path | str, folder: Path | str | None, options: TrainOptions | None = None,
+             progress: Progress | None = None, resume: bool = False) -> TaskReport:
+    """Learn ``folder`` (class sub-folders) as the workspace's next task, evaluate, and store it.
+
+    After every epoch a checkpoint is written beside the workspace's committed state; with ``resume`` the run
+    continues from the checkpoint of an interrupted one, with its folder (``folder`` may be ``None``) and its
+    settings (``options`` may then give none of them), and reaches the tensors the uninterrupted run would have.
+    """
+    progress = progress or Progress()
+    plan = resolve_run(workspace_path, folder, options or TrainOptions(), resume)
+    accelerator = make_accelerator(plan.options.precision)
+    if not accelerator.is_main_process:
+        progress = Progress()  # one report per run, from the main process
+    with _writing_on_main(plan.workspace, accelerator, plan.options.lock_wait, progress):
+        prepared = prepare_task(plan, accelerator, progress)
+        trained = train_task(prepared, accelerator, progress)
+        record = build_record(prepared, trained, accelerator)
+        if plan.options.evaluate:
+            evaluate_after_task(prepared, trained.method, record, accelerator, progress)
+        stored = commit(prepared, trained.method, record, accelerator)
+    return TaskReport(stored, record, accelerator.is_main_process)
+
+
+# --- the training loop ------------------------------------------------------------------------------------------------
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over the first 5% of steps, then cosine decay to zero."""
     warmup = max(1, total_steps // 20)
@@ -163,7 +416,7 @@ def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs
         param.requires_grad_(True)
     if not params or epochs == 0:
         return {"steps": 0, "seconds": 0.0, "images_per_s": 0.0, "images": 0}
-    loader = _loader(dataset, batch_size, workers, shuffle=True, seed=seed)
+    loader = make_loader(dataset, batch_size, workers, shuffle=True, seed=seed)
     generator = loader.generator
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total_steps = epochs * len(loader)
@@ -208,309 +461,6 @@ def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs
         accelerator.free_memory()
     seconds = previous_seconds + time.perf_counter() - started
     return {"steps": steps_per_process, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9), "images": seen}
-
-
-@dataclass
-class DatasetPrediction:
-    """A method's answer for every image of a dataset: probabilities over all classes, labels, the router's task
-    scores (``None`` for methods that do not route) and how many image-encoder passes each image took."""
-
-    probs: torch.Tensor
-    labels: torch.Tensor
-    task_scores: torch.Tensor | None
-    encoder_passes: torch.Tensor  # [images], float
-
-
-@torch.no_grad()
-def predict_dataset(method: Method, dataset: torch.utils.data.Dataset, accelerator: Any, batch_size: int,
-                    workers: int, progress: Progress | None = None, route: Route = None) -> DatasetPrediction:
-    """Predict every image of ``dataset`` with ``method`` (gathered across processes)."""
-    loader = accelerator.prepare(_loader(dataset, batch_size, workers))
-    probs, labels, task_scores, passes = [], [], [], []
-    for images, batch_labels in loader:
-        with accelerator.autocast():
-            prediction = method.predict(images.to(method.device), route=route)
-        rows = len(batch_labels)
-        per_image = (prediction.encoder_passes if prediction.encoder_passes is not None else rows) / max(rows, 1)
-        gathered = accelerator.gather_for_metrics(
-            (prediction.probs.float(), batch_labels, torch.full((rows,), float(per_image), device=batch_labels.device),
-             *(() if prediction.task_scores is None else (prediction.task_scores.float(),))))
-        probs.append(gathered[0].cpu())
-        labels.append(gathered[1].cpu())
-        passes.append(gathered[2].cpu())
-        if len(gathered) == 4:
-            task_scores.append(gathered[3].cpu())
-        if progress is not None:
-            progress.stage_advance(1)
-    if not probs:
-        return DatasetPrediction(torch.empty(0, len(method.classes)), torch.empty(0, dtype=torch.long), None,
-                                 torch.empty(0))
-    return DatasetPrediction(torch.cat(probs), torch.cat(labels), torch.cat(task_scores) if task_scores else None,
-                             torch.cat(passes))
-
-
-def heldout_dataset(method: Method, task: TaskInfo, details: dict[str, Any]) -> ImageDataset | None:
-    """The held-out images a task recorded that still exist, or ``None`` when none is left."""
-    root = Path(details["source"]["root"])
-    items = [ImageItem(relpath, label) for relpath, label in details["heldout_files"] if (root / relpath).is_file()]
-    if not items:
-        return None
-    return ImageDataset(root, items, method.backbone.eval_transform, label_offset=task.offset)
-
-
-@dataclass
-class Evaluation:
-    """Held-out accuracy of each evaluated task and of their union, predicting over every class learned so far.
-
-    ``task_id_*`` is the share of images whose best-scored task is their own, for methods that route by task
-    (``None`` otherwise). A task whose held-out images are gone has ``None`` and 0 images.
-    ``encoder_passes_per_image``: image-encoder passes per evaluated image (1 for single-pass methods).
-    """
-
-    per_task: list[float | None]
-    images: list[int]
-    accuracy: float | None
-    task_id_per_task: list[float | None]
-    task_id_accuracy: float | None
-    encoder_passes_per_image: float | None = None
-
-
-def _share(hits: int, total: int) -> float | None:
-    return hits / total if total else None
-
-
-def evaluate_tasks(method: Method, sets: Sequence[tuple[TaskInfo, ImageDataset | None]], accelerator: Any,
-                   batch_size: int, workers: int, progress: Progress, route: Route = None) -> Evaluation:
-    """Evaluate ``method`` on each task's held-out set (``None``: images gone, warned about and left out)."""
-    per_task: list[float | None] = []
-    images: list[int] = []
-    task_id: list[float | None] = []
-    correct_total = count_total = routed_total = 0
-    passes_total = 0.0
-    total_batches = sum(math.ceil(len(ds) / batch_size) for _, ds in sets if ds is not None)
-    progress.stage_start("evaluating", total_batches)
-    for task, dataset in sets:
-        if dataset is None:
-            progress.warn(f"task {task.index}: no held-out images found (none kept, or moved since); "
-                          "its accuracy is not measured")
-            per_task.append(None)
-            images.append(0)
-            task_id.append(None)
-            continue
-        result = predict_dataset(method, dataset, accelerator, batch_size, workers, progress, route)
-        labels = result.labels
-        correct = int((result.probs.argmax(dim=1) == labels).sum())
-        per_task.append(_share(correct, len(labels)))
-        images.append(len(labels))
-        correct_total += correct
-        count_total += len(labels)
-        passes_total += float(result.encoder_passes.sum())
-        if result.task_scores is None:
-            task_id.append(None)
-        else:
-            routed = int((result.task_scores.argmax(dim=1) == task.index - 1).sum())
-            task_id.append(_share(routed, len(labels)))
-            routed_total += routed
-    progress.stage_end()
-    routes = any(value is not None for value in task_id)
-    return Evaluation(per_task, images, _share(correct_total, count_total), task_id,
-                      _share(routed_total, count_total) if routes else None,
-                      passes_total / count_total if count_total else None)
-
-
-def _check_new_classes(workspace: Workspace, data: TaskData) -> None:
-    known = {name.casefold(): name for name in workspace.classes}
-    clashes = [name for name in data.classes if name.casefold() in known]
-    if clashes:
-        owners = {e["name"].casefold(): e["task"] for e in workspace.manifest["classes"]}
-        listed = ", ".join(f"{c!r} (task {owners[c.casefold()]})" for c in clashes)
-        raise DataError(f"class already learned by an earlier task: {listed}; tasks must have disjoint classes")
-    if not workspace.tasks and len(data.classes) < 2:
-        raise DataError(f"the first task needs at least two classes, {data.root} has {len(data.classes)}")
-
-
-RESUMED_OPTIONS = ("epochs", "epochs_stage2", "batch_size", "lr", "seed", "holdout", "precision", "workers")
-
-
-def _run_identity(workspace: Workspace, task: TaskInfo, name: str, data: TaskData, options: TrainOptions,
-                  processes: int) -> dict[str, Any]:
-    """What a checkpoint must match to be continued: the same next task of the same workspace, the same folder
-    content, the same method, the same settings and the same number of processes."""
-    return {"task": task.index, "name": name, "folder": str(data.root), "fingerprint": data.fingerprint,
-            "method": workspace.method_name, "options": {key: getattr(options, key) for key in RESUMED_OPTIONS},
-            "processes": processes}
-
-
-def _check_resumable(checkpoint: Checkpoint, identity: dict[str, Any], workspace: Path) -> None:
-    run = checkpoint.run
-    if run["task"] < identity["task"]:
-        Checkpoint.discard(workspace)
-        raise WorkspaceError(f"task {run['task']} ({run['name']}) was committed before the interruption: nothing "
-                             "to resume")
-    if run["task"] != identity["task"] or run["method"] != identity["method"]:
-        raise WorkspaceError(f"the interrupted run was task {run['task']} of method {run['method']}; the workspace "
-                             f"now expects task {identity['task']}: start over without --resume")
-    if run["fingerprint"] != identity["fingerprint"]:
-        raise DataError(f"{identity['folder']} changed since the interrupted run (files added, removed or "
-                        "modified): start over without --resume")
-    if run.get("processes", 1) != identity["processes"]:
-        raise ClipclError(f"the interrupted run used {run.get('processes', 1)} process(es), this one "
-                          f"{identity['processes']}: resume it the way it was started")
-
-
-def add_task(workspace_path: Path | str, folder: Path | str | None, options: TrainOptions | None = None,
-             progress: Progress | None = None, resume: bool = False) -> TaskReport:
-    """Learn ``folder`` (class sub-folders) as the workspace's next task, evaluate, and store it.
-
-    After every epoch a checkpoint is written beside the workspace's committed state; with ``resume`` the run
-    continues from the checkpoint of an interrupted one, with its folder (``folder`` may be ``None``) and its
-    settings (those of ``options`` are replaced), and reaches the tensors the uninterrupted run would have.
-    """
-    options = options or TrainOptions()
-    progress = progress or Progress()
-    workspace = Workspace.open(workspace_path)
-    checkpoint = None
-    if resume:
-        interrupted = Checkpoint.peek(workspace.path)  # its folder and settings; the whole of it is read under the lock
-        if interrupted is None:
-            raise WorkspaceError(f"nothing to resume in {workspace.path}: no add-task was interrupted after an epoch")
-        stored_folder = interrupted["run"]["folder"]
-        if folder is not None and Path(folder).expanduser().resolve() != Path(stored_folder):
-            raise ClipclError(f"--resume continues the interrupted run on {stored_folder}, not {folder}")
-        folder = stored_folder
-        options = dataclasses.replace(options, name=interrupted["run"]["name"], **interrupted["run"]["options"])
-    elif folder is None:
-        raise ClipclError("add-task needs a FOLDER (or --resume to continue an interrupted run)")
-    options.check()
-    accelerator = make_accelerator(options.precision)
-    if not accelerator.is_main_process:
-        progress = Progress()  # one report per run, from the main process
-    with _writing_on_main(workspace, accelerator, options.lock_wait, progress):
-        started = time.perf_counter()
-        data = scan_task_folder(folder, options.holdout, options.seed, workers=max(1, options.workers),
-                                on_skip=lambda relpath, why: progress.warn(f"skipped unreadable {relpath}: {why}"))
-        if data.skipped:
-            progress.warn(f"{len(data.skipped)} unreadable file(s) skipped in {data.root}")
-        failpoint("scan")
-        _check_new_classes(workspace, data)
-        name = validate_task_name(options.name or data.root.name)
-        if any(task.name == name for task in workspace.tasks):
-            raise DataError(f"a task named {name!r} exists already: pass --name")
-        scan_seconds = time.perf_counter() - started
-
-        method_class = get_method_class(workspace.method_name)
-        if options.epochs_stage2 is not None and len(method_class.stages) < 2:
-            raise ClipclError(f"method {method_class.name} trains in one stage: drop --epochs-stage2")
-        epochs = method_class.default_epochs if options.epochs is None else options.epochs
-        lr = options.lr or method_class.default_lr
-        task = TaskInfo(index=workspace.next_task_index(), classes=tuple(data.classes), offset=len(workspace.classes))
-        identity = _run_identity(workspace, task, name, data, options, accelerator.num_processes)
-        if resume:
-            checkpoint = Checkpoint.load(workspace.path)
-            _check_resumable(checkpoint, identity, workspace.path)
-            progress.info(f"resuming task {task.index} ({name}) after epoch {checkpoint.state.epochs_done} of stage "
-                          f"{checkpoint.stage + 1}")
-        else:
-            interrupted = Checkpoint.pending(workspace.path, task.index, on_damaged=lambda why: progress.warn(
-                f"ignoring a damaged checkpoint of an interrupted add-task ({why})"))
-            if interrupted is None and accelerator.is_main_process:
-                Checkpoint.discard(workspace.path)  # damaged, or its task committed: nothing there to resume
-            elif interrupted is not None:
-                progress.warn(f"starting over: the checkpoint of the interrupted add-task of "
-                              f"{interrupted['run']['folder']} will be replaced (use --resume to continue it instead)")
-        from accelerate.utils import set_seed
-
-        set_seed(options.seed)
-        method = workspace.build_method(device=accelerator.device)
-        method.begin_task(task)
-        train_set = ImageDataset(data.root, data.train, method.backbone.train_transform, label_offset=task.offset)
-        stats_set = ImageDataset(data.root, data.train, method.backbone.eval_transform, label_offset=task.offset)
-        later_epochs = epochs if options.epochs_stage2 is None else options.epochs_stage2
-        stage_epochs = [epochs] + [later_epochs] * (len(method.stages) - 1)
-        stages: list[dict[str, Any]] = list(checkpoint.finished_stages) if checkpoint is not None else []
-        stage_rng: list[dict[str, Any]] = list(checkpoint.stage_rng) if checkpoint is not None else []
-        names = {id(param): param_name for param_name, param in method.named_parameters()}
-        trained: dict[str, torch.nn.Parameter] = {}
-        if checkpoint is not None:
-            _load_parameters(method, checkpoint.parameters)
-        for number, (stage, n_epochs) in enumerate(zip(method.stages, stage_epochs, strict=True), start=1):
-            method.begin_stage(stage)
-            label = f"{stage}: " if len(method.stages) > 1 else ""
-            trained.update({names[id(p)]: p for p in method.trainable_parameters()})
-            start = None
-            if checkpoint is not None and number - 1 <= checkpoint.stage:
-                _load_parameters(method, checkpoint.parameters)  # after begin_stage, which may set up parameters
-                start = checkpoint.state if number - 1 == checkpoint.stage else None
-
-            def save_checkpoint(state: EpochState, stage_index: int = number - 1) -> None:
-                if not accelerator.is_main_process:
-                    return
-                try:
-                    Checkpoint(identity, stage_index, state, trained, stages, stage_rng).save(workspace.path)
-                except (OSError, TypeError, ValueError) as exc:  # a checkpoint is insurance: never stop training
-                    progress.warn(f"could not write the epoch checkpoint ({exc}); training goes on without it")
-
-            if checkpoint is None or number - 1 >= checkpoint.stage:
-                run = train_method(method, train_set, accelerator, n_epochs, options.batch_size, lr, options.workers,
-                                   options.seed, progress, label, start=start, on_epoch=save_checkpoint)
-                stages.append({"stage": stage, "epochs": n_epochs, "steps": run["steps"],
-                               "train_s": round(run["seconds"], 3), "images": run["images"]})
-                stage_rng.append(capture_rng())  # what end_stage starts from, for a resume in a later stage
-            else:
-                restore_rng(checkpoint.stage_rng[number - 1])  # end_stage may draw (dmc-ot's calibration samples)
-            if number < len(method.stages):
-                method.end_stage(stage, _advancing(_loader(stats_set, options.batch_size, options.workers), progress,
-                                                   f"{label}statistics"))
-        method.end_task(task, _advancing(_loader(stats_set, options.batch_size, options.workers), progress,
-                                         "class statistics"))
-        train_seconds = sum(s["train_s"] for s in stages)
-        training = {"steps": sum(s["steps"] for s in stages), "seconds": train_seconds,
-                    "images_per_s": sum(s["images"] for s in stages) / train_seconds if train_seconds > 0 else 0.0}
-
-        details: dict[str, Any] = {
-            "id": task.index,
-            "name": name,
-            "classes": list(task.classes),
-            "source": {"root": str(data.root), "split": data.split, "holdout": data.holdout,
-                       "fingerprint": data.fingerprint},
-            "counts": {"train": data.counts(data.train), "heldout": data.counts(data.test),
-                       "skipped": len(data.skipped)},
-            "skipped_files": data.skipped,
-            "heldout_files": [[item.relpath, item.label] for item in data.test],
-            "training": {"method": workspace.method_name, "method_config": workspace.method_config,
-                         "epochs": epochs, "batch_size": options.batch_size, "lr": lr, "seed": options.seed,
-                         "precision": options.precision, "workers": options.workers, "optimizer": "AdamW",
-                         "schedule": "cosine, 5% warm-up", "steps": training["steps"],
-                         "processes": accelerator.num_processes, "device": str(accelerator.device)},
-            "timings": {"scan_s": round(scan_seconds, 3), "train_s": round(training["seconds"], 3),
-                        "images_per_s": round(training["images_per_s"], 2),
-                        **({"stages": stages} if len(stages) > 1 else {})},
-            "method": method.task_metadata(task),
-            "versions": library_versions(),
-            "accuracy": None,
-        }
-        if options.evaluate:
-            eval_started = time.perf_counter()
-            sets = [(stored.info, heldout_dataset(method, stored.info, workspace.task_json(stored)))
-                    for stored in workspace.tasks]
-            sets.append((task, ImageDataset(data.root, data.test, method.backbone.eval_transform, task.offset)
-                         if data.test else None))
-            result = evaluate_tasks(method, sets, accelerator, options.batch_size, options.workers, progress)
-            details["accuracy"] = {"task": result.per_task[-1], "all": result.accuracy, "per_task": result.per_task,
-                                   "task_id": result.task_id_accuracy,
-                                   "encoder_passes_per_image": result.encoder_passes_per_image}
-            details["timings"]["eval_s"] = round(time.perf_counter() - eval_started, 3)
-
-        tensors = method.task_tensors(task)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            stored = workspace.commit_task(name, task, details, tensors)
-            failpoint("committed")
-            Checkpoint.discard(workspace.path)
-        else:
-            stored = StoredTask(task, name, f"tasks/task-{task.index:03d}", {}, "")
-        accelerator.wait_for_everyone()
-    return TaskReport(stored, details, accelerator.is_main_process)
 
 
 def _load_parameters(method: Method, parameters: dict[str, torch.Tensor]) -> None:

@@ -2,14 +2,15 @@
 
 Both load the base model and every stored task through :meth:`clipcl.workspace.Workspace.build_method` and predict
 over every class learned so far through the method's :meth:`~clipcl.methods.Method.predict`, so what they report is
-what ``add-task`` measured. ``evaluate`` also rebuilds the accuracy matrix that ``add-task`` stored row by row and
-derives the continual-learning metrics from it (:mod:`clipcl.metrics`).
+what ``add-task`` measured (both use :mod:`clipcl.evaluation`; nothing here imports the training engine).
+``evaluate`` also rebuilds the accuracy matrix that ``add-task`` stored row by row and derives the continual-learning
+metrics from it (:mod:`clipcl.metrics`).
 """
 
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,18 +19,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import IMAGE_SUFFIXES, list_images, load_image_checked, why_unreadable
-from .engine import (
-    Evaluation,
-    Progress,
-    check_loader_options,
-    evaluate_tasks,
-    heldout_dataset,
-    make_accelerator,
-    require_single_process,
-)
 from .errors import ClipclError
+from .evaluation import Evaluation, evaluate_tasks, heldout_dataset
 from .methods import Method, Route, build_config, check_inference_overrides, get_method_class, parse_route
+from .methods.base import check_route_supported
 from .metrics import ContinualMetrics, continual_metrics
+from .reading import DEFAULT_MAX_IMAGE_BYTES, MIB, regular_file_problem
+from .records import TaskRecord
+from .runtime import Progress, check_loader_options, check_max_image_mb, make_accelerator, require_single_process
 from .workspace import StoredTask, Workspace
 
 GLOB_CHARACTERS = frozenset("*?[")
@@ -63,10 +60,7 @@ def check_route(workspace: Workspace, route: int | str | None) -> Route:
     """``route`` checked (see :func:`~clipcl.methods.parse_route`): refused for a method that does not route by
     task, or a K below 1, before any model is loaded."""
     route = parse_route(route)
-    if route is None:
-        return None
-    if not get_method_class(workspace.method_name).routes_tasks:
-        raise ClipclError(f"method {workspace.method_name} does not route by task: drop --route")
+    check_route_supported(get_method_class(workspace.method_name), route)
     return route
 
 
@@ -78,16 +72,15 @@ def _check_options(workspace: Workspace, options: dict[str, str] | None) -> None
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------------
-def stored_matrix(task_details: Sequence[dict[str, Any]]) -> tuple[list[list[float | None]], list[int]]:
-    """The accuracy matrix ``A[i][j]`` that ``add-task`` stored in the tasks' ``task.json`` (in task order; row i:
-    after task i; ``None`` where not measured, a whole row of ``None`` for a task added with ``--no-eval``) and each
-    task's held-out size."""
+def stored_matrix(records: Sequence[TaskRecord]) -> tuple[list[list[float | None]], list[int]]:
+    """The accuracy matrix ``A[i][j]`` that ``add-task`` stored in the tasks' records (in task order; row i: after
+    task i; ``None`` where not measured, a whole row of ``None`` for a task added with ``--no-eval``) and each task's
+    held-out size."""
     matrix: list[list[float | None]] = []
     sizes: list[int] = []
-    for i, details in enumerate(task_details):
-        sizes.append(sum(details["counts"]["heldout"].values()))
-        row = (details.get("accuracy") or {}).get("per_task")
-        matrix.append(list(row) if row is not None else [None] * (i + 1))
+    for i, record in enumerate(records):
+        sizes.append(record.heldout_images)
+        matrix.append(list(record.accuracy.per_task) if record.accuracy is not None else [None] * (i + 1))
     return matrix, sizes
 
 
@@ -140,37 +133,47 @@ def evaluate(workspace_path: Path | str, tasks: str = "all", route: int | str | 
     route = check_route(workspace, route)
     _check_options(workspace, options)
     check_loader_options(batch_size, workers)
-    details = {t.info.index: workspace.task_json(t) for t in workspace.tasks}  # each task.json read once
-    matrix, sizes = stored_matrix(list(details.values()))
+    records = {t.info.index: workspace.task_record(t) for t in workspace.tasks}  # each task.json read once
+    matrix, sizes = stored_matrix(list(records.values()))
     accelerator = make_accelerator(precision)
     method = workspace.build_method(device=accelerator.device, overrides=options)
-    sets = [(t.info, heldout_dataset(method, t.info, details[t.info.index])) for t in chosen]
+    sets = [(t.info, heldout_dataset(method, t.info, records[t.info.index])) for t in chosen]
     evaluation = evaluate_tasks(method, sets, accelerator, batch_size, workers, progress, route=route)
     return EvalReport(workspace, chosen, evaluation, route, matrix, continual_metrics(matrix, sizes),
                       accelerator.is_main_process)
 
 
 # --- prediction -----------------------------------------------------------------------------------------------------
-def expand_image_paths(patterns: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+def expand_image_paths(patterns: Sequence[str | Path], on_skip: Callable[[Path, str], None] | None = None
+                       ) -> tuple[list[Path], list[str]]:
     """Files to predict from files, folders (recursive, image files only) and glob patterns, in the order given
-    and without repeats; also the patterns that named nothing."""
+    and without repeats; also the patterns that named nothing. Only regular files count: a FIFO, a socket, a device
+    or a link to one (or a link loop) found in a folder or by a pattern is reported to ``on_skip`` and never opened;
+    one named directly is among the patterns that named nothing, with its reason passed to ``on_skip``."""
     found: list[Path] = []
     unmatched: list[str] = []
     for pattern in map(str, patterns):
         path = Path(pattern).expanduser()
-        if path.is_file():
+        problem = regular_file_problem(path)
+        if problem is None:
             matches = [path]
         elif path.is_dir():
-            matches = list_images(path)
+            matches = list_images(path, on_skip)
         elif GLOB_CHARACTERS & set(pattern):
             matches = []
             for hit in map(Path, sorted(glob.glob(str(path), recursive=True))):
                 if hit.is_dir():
-                    matches.extend(list_images(hit))
+                    matches.extend(list_images(hit, on_skip))
                 elif hit.suffix.lower() in IMAGE_SUFFIXES:
-                    matches.append(hit)
+                    hit_problem = regular_file_problem(hit)
+                    if hit_problem is None:
+                        matches.append(hit)
+                    elif on_skip is not None:
+                        on_skip(hit, hit_problem)
         else:
             matches = []
+            if on_skip is not None and problem != "missing":
+                on_skip(path, problem)
         if not matches:
             unmatched.append(pattern)
         found.extend(matches)
@@ -205,18 +208,20 @@ class ImagePrediction:
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    """Image files decoded with the eval transform; one that cannot be read yields its reason instead."""
+    """Image files decoded with the eval transform; one that cannot be read (or is over ``max_bytes``) yields its
+    reason instead."""
 
-    def __init__(self, paths: Sequence[Path], transform: Any) -> None:
+    def __init__(self, paths: Sequence[Path], transform: Any, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> None:
         self.paths = list(paths)
         self.transform = transform
+        self.max_bytes = max_bytes
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return index, self.transform(load_image_checked(self.paths[index])), None
+            return index, self.transform(load_image_checked(self.paths[index], self.max_bytes)), None
         except Exception as exc:  # any decoding failure is reported for this file alone
             return index, None, why_unreadable(exc)
 
@@ -228,13 +233,14 @@ def _as_list(batch: list[tuple[int, torch.Tensor | None, str | None]]) -> list[t
 
 def predict_images(workspace_path: Path | str, paths: Sequence[Path], top_k: int = 5, route: int | str | None = None,
                    batch_size: int = 32, workers: int = 0, precision: str = "fp32",
-                   method: Method | None = None, options: dict[str, str] | None = None
-                   ) -> Iterator[ImagePrediction]:
+                   method: Method | None = None, options: dict[str, str] | None = None,
+                   max_image_mb: float = DEFAULT_MAX_IMAGE_BYTES / MIB) -> Iterator[ImagePrediction]:
     """Predict each image's ``top_k`` classes over everything learned, in the order of ``paths``.
 
     The workspace and the options are checked, and the model loaded, before this returns; the predictions then
-    come batch by batch. An unreadable file yields an :class:`ImagePrediction` with ``error`` set; the others are
-    still predicted. Pass ``method`` (from :meth:`Workspace.build_method`) to reuse a loaded model across calls.
+    come batch by batch. An unreadable file (or one over ``max_image_mb`` MiB, or not a regular file) yields an
+    :class:`ImagePrediction` with ``error`` set, without its content being read; the others are still predicted.
+    Pass ``method`` (from :meth:`Workspace.build_method`) to reuse a loaded model across calls.
     """
     require_single_process("predict")
     workspace = Workspace.open(workspace_path)
@@ -242,12 +248,13 @@ def predict_images(workspace_path: Path | str, paths: Sequence[Path], top_k: int
     route = check_route(workspace, route)
     _check_options(workspace, options)
     check_loader_options(batch_size, workers)
+    max_bytes = check_max_image_mb(max_image_mb)
     if top_k < 1:
         raise ClipclError("--top-k must be at least 1")
     accelerator = make_accelerator(precision)
     method = method or workspace.build_method(device=accelerator.device, overrides=options)
     owners = [(task.index, task_names.get(task.index, "")) for task in method.tasks for _ in task.classes]
-    loader = DataLoader(_ImageFiles(paths, method.backbone.eval_transform), batch_size=batch_size,
+    loader = DataLoader(_ImageFiles(paths, method.backbone.eval_transform, max_bytes), batch_size=batch_size,
                         num_workers=workers, collate_fn=_as_list)
     return _predict_batches(method, loader, paths, owners, min(top_k, len(owners)), route, accelerator)
 

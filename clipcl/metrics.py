@@ -1,4 +1,4 @@
-"""Continual-learning metrics from the accuracy matrix, as ../shared/METHODS.md defines them.
+"""Continual-learning metrics from the accuracy matrix, as docs/methods.md defines them.
 
 ``A[i][j]`` is the accuracy on task j's held-out set after training task i (rows and columns from task 1; only
 ``j <= i`` is defined), predicting over every class seen after task i. ``sizes[j]`` is the number of held-out images

@@ -8,6 +8,7 @@ half-written one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,8 +22,10 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import WorkspaceError
 from .failpoints import failpoint
+from .reading import MAX_JSON_BYTES, InputError, parse_json_bounded, read_bounded
 
 TEMP_PREFIX = ".tmp-"
+MAX_TENSOR_FILE_BYTES = 64 << 30  # far above any task's adapters and statistics; a bound on a replaced file
 
 
 def fsync_dir(path: Path) -> None:
@@ -67,25 +70,32 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    """Read a JSON file, naming the file in the error when it is missing or not valid JSON."""
+    """Read one of clipcl's JSON files (at most :data:`~clipcl.reading.MAX_JSON_BYTES`, a regular file, not nested
+    past the parser's limit), naming the file in the error when it is missing, too large or not valid JSON."""
+    return parse_stored_json(_read_stored(path, MAX_JSON_BYTES), path)
+
+
+def parse_stored_json(data: bytes, path: Path) -> Any:
+    """The JSON value of a stored file's bytes; damage is a :class:`WorkspaceError` naming the file."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return parse_json_bounded(data, str(path))
+    except ValueError as exc:
+        raise WorkspaceError(str(exc)) from exc
+
+
+def _read_stored(path: Path, limit: int) -> bytes:
+    try:
+        return read_bounded(path, limit)
     except FileNotFoundError as exc:
         raise WorkspaceError(f"missing file {path}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WorkspaceError(f"corrupt JSON in {path}: {exc}") from exc
+    except InputError as exc:
+        if exc.errno == errno.ENOENT:
+            raise WorkspaceError(f"missing file {path}") from exc
+        raise WorkspaceError(f"cannot read {path}: {exc.strerror}; it is not a file clipcl wrote") from exc
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -94,12 +104,10 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
     return save_safetensors_bytes(prepared, metadata=metadata)
 
 
-def read_verified(path: Path, expected_sha256: str | None) -> bytes:
-    """The bytes of a stored file whose sha256 the manifest recorded; any other content is refused."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError as exc:
-        raise WorkspaceError(f"missing file {path}") from exc
+def read_verified(path: Path, expected_sha256: str | None, limit: int = MAX_TENSOR_FILE_BYTES) -> bytes:
+    """The bytes of a stored file whose sha256 the manifest recorded; any other content, a file over ``limit`` bytes
+    or a path that is not a regular file is refused."""
+    data = _read_stored(path, limit)
     if expected_sha256 is None or sha256_bytes(data) != expected_sha256:
         raise WorkspaceError(f"checksum mismatch in {path}: the file was modified or is damaged")
     return data

@@ -6,13 +6,16 @@ Layout::
       manifest.json            format version, base model, method + options, ordered classes, tasks (+ checksums)
       model/<Name>.json        the model-config JSON, for custom architectures
       tasks/task-001/          one folder per task, never rewritten once committed
-        task.json              classes, counts, split and held-out files, data fingerprint, settings, timings, accuracy
+        task.json              the task's record (clipcl.records.TaskRecord): classes, counts, split and held-out
+                               files, data fingerprint, settings, timings, accuracy
         tensors.safetensors    the method's tensors for this task
       .lock                    held by the process that writes
 
 A task is committed by building its folder under a hidden staging name, renaming it into ``tasks/`` and finally
 replacing ``manifest.json`` atomically. Until that last rename the manifest names only the earlier tasks, so a crash
-anywhere leaves the previous workspace loadable and unchanged; leftovers are removed by the next writer.
+anywhere leaves the previous workspace loadable and unchanged; leftovers are removed by the next writer. The first
+commit records the fingerprint of the base weights the adapters were trained on (the caller passes it); every later
+load is checked against it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import dataclasses
 import datetime as dt
 import errno
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -35,16 +37,18 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .backbone import ModelSpec, load_backbone, weights_fingerprint
+from .backbone import ModelSpec, load_backbone
 from .errors import WorkspaceError
 from .failpoints import failpoint
 from .methods import Method, TaskInfo, build_config, check_inference_overrides, get_method_class
+from .reading import MAX_JSON_BYTES
+from .records import TaskRecord, TensorFile
 from .storage import (
     TEMP_PREFIX,
     atomic_write_json,
     fsync_dir,
     load_tensor_file,
+    parse_stored_json,
     read_json,
     read_verified,
     sha256_bytes,
@@ -52,6 +56,7 @@ from .storage import (
     to_json_bytes,
     write_synced,
 )
+from .version import __version__
 
 FORMAT_NAME = "clipcl-workspace"
 FORMAT_VERSION = 1
@@ -114,7 +119,6 @@ class Workspace:
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = path
         self.manifest = manifest
-        self.weights_fingerprint: str | None = None  # of the base model as last loaded (build_method)
 
     # --- opening and creating -------------------------------------------------------------------------------------
     @classmethod
@@ -152,7 +156,7 @@ class Workspace:
     @classmethod
     def open(cls, path: Path | str) -> Workspace:
         path = Path(path).expanduser()
-        if not (path / MANIFEST).is_file():
+        if not os.path.lexists(path / MANIFEST):  # a manifest that is not a regular file is refused by read_json
             raise WorkspaceError(f"no workspace at {path}: create one with `clipcl init -w {path} --model ...`")
         manifest = read_json(path / MANIFEST)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
@@ -199,12 +203,14 @@ class Workspace:
             raise WorkspaceError(f"manifest names a task folder outside the workspace: {task.dir}")
         return target
 
-    def task_json(self, task: StoredTask) -> dict[str, Any]:
+    def task_record(self, task: StoredTask) -> TaskRecord:
+        """The task's ``task.json``, checked against the manifest's checksum."""
         path = self.task_path(task) / TASK_JSON
+        data = parse_stored_json(read_verified(path, task.files.get(TASK_JSON), MAX_JSON_BYTES), path)
         try:
-            return json.loads(read_verified(path, task.files.get(TASK_JSON)))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise WorkspaceError(f"corrupt JSON in {path}: {exc}") from exc
+            return TaskRecord.from_json(data, self.manifest.get("format_version", FORMAT_VERSION))
+        except ValueError as exc:
+            raise WorkspaceError(f"{path} is damaged: {exc}") from exc
 
     def task_tensors(self, task: StoredTask) -> dict[str, torch.Tensor]:
         return load_tensor_file(self.task_path(task) / TENSORS_FILE, task.files.get(TENSORS_FILE))
@@ -216,11 +222,11 @@ class Workspace:
         check_inference_overrides(method_class, overrides)
         config = build_config(method_class, overrides, stored=self.method_config)
         backbone = load_backbone(self.model_spec, self.path / "model", device=device)
-        self.check_base_weights(weights_fingerprint(backbone.model))
+        self.check_base_weights(backbone.weights_fingerprint)
         method = method_class(backbone, config)
         for task in self.tasks:
             try:
-                method.restore_task(task.info, self.task_tensors(task))
+                method.restore(task.info, self.task_tensors(task))
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise WorkspaceError(f"stored tensors of task {task.info.index} do not fit method "
                                      f"{self.method_name}: {exc}") from exc
@@ -228,13 +234,12 @@ class Workspace:
 
     def check_base_weights(self, fingerprint: str) -> None:
         """Refuse a base model whose weights differ from those the stored adapters were trained on (the fingerprint
-        is recorded by the first task's commit); remember it for that commit otherwise."""
+        is recorded by the first task's commit)."""
         recorded = self.manifest["model"].get(WEIGHTS_KEY)
         if recorded is not None and recorded != fingerprint:
             raise WorkspaceError(f"the base model {self.model_spec.describe()} now loads different weights than the "
                                  f"ones this workspace's adapters were trained on (fingerprint {fingerprint[:12]}, "
                                  f"recorded {recorded[:12]}): refusing to load them")
-        self.weights_fingerprint = fingerprint
 
     # --- writing --------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -286,16 +291,19 @@ class Workspace:
     def next_task_index(self) -> int:
         return len(self.manifest["tasks"]) + 1
 
-    def commit_task(self, name: str, info: TaskInfo, details: dict[str, Any],
-                    tensors: dict[str, torch.Tensor]) -> StoredTask:
-        """Store a trained task and append it to the manifest (call inside :meth:`writing`)."""
+    def commit_task(self, info: TaskInfo, record: TaskRecord, tensors: dict[str, torch.Tensor],
+                    weights_fingerprint: str) -> StoredTask:
+        """Store a trained task and append it to the manifest (call inside :meth:`writing`). The first commit also
+        records ``weights_fingerprint``, the base weights the task's adapters were trained on; ``record`` gets the
+        tensor file's facts."""
+        self.check_base_weights(weights_fingerprint)
         task_dir = f"tasks/task-{info.index:03d}"
         staging = self.path / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
         staging.mkdir()
         try:
             tensor_bytes = tensors_to_bytes(tensors, metadata={"clipcl_task": str(info.index)})
-            details = {**details, "tensors": {"file": TENSORS_FILE, "bytes": len(tensor_bytes), "count": len(tensors)}}
-            json_bytes = to_json_bytes(details)
+            record.tensors = TensorFile(TENSORS_FILE, len(tensor_bytes), len(tensors))
+            json_bytes = to_json_bytes(record.to_json())
             for file_name, data in ((TENSORS_FILE, tensor_bytes), (TASK_JSON, json_bytes)):
                 write_synced(staging / file_name, data)
             fsync_dir(staging)
@@ -311,14 +319,14 @@ class Workspace:
             raise
         stored = StoredTask(
             info=info,
-            name=name,
+            name=record.name,
             dir=task_dir,
             files={TENSORS_FILE: sha256_bytes(tensor_bytes), TASK_JSON: sha256_bytes(json_bytes)},
             created_at=now_iso(),
         )
         manifest = dict(self.manifest)
-        if self.weights_fingerprint is not None and WEIGHTS_KEY not in manifest["model"]:
-            manifest["model"] = {**manifest["model"], WEIGHTS_KEY: self.weights_fingerprint}
+        if WEIGHTS_KEY not in manifest["model"]:
+            manifest["model"] = {**manifest["model"], WEIGHTS_KEY: weights_fingerprint}
         manifest["classes"] = [*manifest["classes"], *({"name": c, "task": info.index} for c in info.classes)]
         manifest["tasks"] = [*manifest["tasks"], stored.to_json()]
         manifest["updated_at"] = now_iso()

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from clipcl import Workspace, load_backbone
-from clipcl.engine import heldout_dataset
+from clipcl.evaluation import heldout_dataset
 from clipcl.methods import build_config, get_method_class
 from clipcl.methods.components import shrinkage_value
 from clipcl.metrics import continual_metrics
@@ -38,6 +38,7 @@ VARIANTS: list[dict] = [
     {"router": "combined", "route": 0},
     *({"router": "combined", "route": k} for k in (1, 2, 3)),
     *({"router": "combined", "route": 0, "router_shrinkage": a} for a in ("0.001", "0.01", "0.1")),
+    *({"router": "combined", "route": k, "router_shrinkage": "0.001"} for k in (1, 2, 3)),
     {"router": "combined", "route": 0, "text_weight": 0.0},
     {"router": "combined", "route": 0, "adapted_weight": 0.0},
     {"router": "combined", "route": 0, "fit_weight": 0.0},
@@ -54,7 +55,7 @@ def encode_heldout(workspace: Workspace, batch_size: int) -> list[dict[str, torc
     method = workspace.build_method()
     encoded = []
     for stored in workspace.tasks:
-        dataset = heldout_dataset(method, stored.info, workspace.task_json(stored))
+        dataset = heldout_dataset(method, stored.info, workspace.task_record(stored))
         if dataset is None:
             raise SystemExit(f"task {stored.info.index} has no held-out images left")
         frozen, branches, labels = [], [], []
@@ -102,7 +103,7 @@ def main() -> None:
     method = method_class(load_backbone(workspace.model_spec, workspace.path / "model"), stored_config)
     rows: list[dict] = [{"options": variant, "matrix": [], "task_id": None, "passes": None} for variant in VARIANTS]
     for stored in workspace.tasks:  # the state after each task in turn
-        method.restore_task(stored.info, workspace.task_tensors(stored))
+        method.restore(stored.info, workspace.task_tensors(stored))
         for row in rows:
             options = {k: v for k, v in row["options"].items() if k != "task_given"}
             method.config = dataclasses.replace(stored_config, **options)

@@ -52,7 +52,7 @@ def main() -> None:
 
     method_class = get_method_class("dma")
     method = method_class(backbone, build_config(method_class))
-    method.begin_task(TaskInfo(1, ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j"), 0))
+    method.begin(TaskInfo(1, ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j"), 0))
     trainable = method.trainable_parameters()
     optimizer = torch.optim.AdamW(trainable)
     for param in trainable:

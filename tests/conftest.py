@@ -113,12 +113,10 @@ PYTHON = sys.executable
 
 
 def learn_two_tasks(runner: CliRunner, ws: Path, data: Path, *args: str, second_args: tuple[str, ...] = ()):
-    """``add-task`` red/green, then blue/yellow, into ``ws``; both must succeed and the second must leave every byte
-    of task 1's tensors as they were (no task rewrites an earlier task's files). Returns both results."""
+    """``add-task`` red/green, then blue/yellow, into ``ws``; both must succeed. Returns both results. (That no task
+    rewrites an earlier task's files is checked for every method in test_method_contract.py.)"""
     first = invoke(runner, "add-task", "-w", ws, make_task(data / "a", ["red", "green"]), *args)
     assert first.exit_code == 0, first.output
-    stored = (ws / "tasks/task-001/tensors.safetensors").read_bytes()
     second = invoke(runner, "add-task", "-w", ws, make_task(data / "b", ["blue", "yellow"]), *args, *second_args)
     assert second.exit_code == 0, second.output
-    assert (ws / "tasks/task-001/tensors.safetensors").read_bytes() == stored
     return first, second

@@ -53,15 +53,15 @@ def test_template_context_reproduces_zero_shot_text_features(backbone) -> None:
 
 
 def test_fresh_dma_task_reproduces_zero_shot_logits(backbone) -> None:
-    """Zero-initialised LoRA and template-initialised prompts give zero-shot CLIP's logits (METHODS.md invariant)."""
+    """Zero-initialised LoRA and template-initialised prompts give zero-shot CLIP's logits (docs/methods.md)."""
     images = torch.randn(4, 3, 32, 32)
     classes = ["dog", "cat", "bird"]
     zero_shot = backbone.logit_scale() * backbone.encode_images(images) @ backbone.encode_texts(
         [f"a photo of a {c}." for c in classes]).T
     method = DMA(backbone, DMAConfig(context_tokens=4))
     task = TaskInfo(1, tuple(classes), 0)
-    method.begin_task(task)
-    method.end_task(task, [(images, torch.tensor([0, 1, 2, 0]))])
+    method.begin(task)
+    method.finish([(images, torch.tensor([0, 1, 2, 0]))])
     features = method.backbone.encode_images(images)  # the task's LoRA is the active one
     logits = method.backbone.logit_scale() * features @ method.prompts.features(method.tasks).T
     torch.testing.assert_close(logits, zero_shot, rtol=1e-4, atol=1e-4)
@@ -129,7 +129,7 @@ def test_workspace_keeps_its_own_copy_of_a_custom_config(tmp_path: Path, tiny_co
 
 def test_lora_dropout_is_active_in_training_while_the_base_stays_in_eval_mode(backbone) -> None:
     method = DMA(backbone, DMAConfig(lora_dropout=0.5))
-    method.begin_task(TaskInfo(1, ("a", "b"), 0))
+    method.begin(TaskInfo(1, ("a", "b"), 0))
     method.train()
     modes = {name: m.training for name, m in method.clip.visual.named_modules()}
     assert any(mode for name, mode in modes.items() if "lora_dropout" in name)

@@ -10,7 +10,7 @@ import torch
 from conftest import FAST, invoke
 
 from clipcl import Workspace
-from clipcl.engine import heldout_dataset
+from clipcl.evaluation import heldout_dataset
 
 
 def _init(runner, tmp_path: Path, tiny_config: Path, tiny_weights: Path, method: str) -> Path:
@@ -41,7 +41,7 @@ def test_zeroshot_scores_are_clip_zero_shot_probabilities(tmp_path: Path, tiny_c
     invoke(runner, "add-task", "-w", ws, task_factory("b", ["blue", "yellow"]), *FAST)
     workspace = Workspace.open(ws)
     method = workspace.build_method()
-    dataset = heldout_dataset(method, workspace.tasks[0].info, workspace.task_json(workspace.tasks[0]))
+    dataset = heldout_dataset(method, workspace.tasks[0].info, workspace.task_record(workspace.tasks[0]))
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     backbone = method.backbone
     text = backbone.encode_texts([f"a photo of a {c}." for c in workspace.classes])

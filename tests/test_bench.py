@@ -55,7 +55,7 @@ def test_bench_compares_methods_and_writes_json(split: Path, tmp_path: Path, tin
     assert rows["ncm"]["last"] >= 0.9  # distinct colours, class means of any features
     # the matrix of each method is the one its kept workspace stored; joint's last row is its plain evaluation
     ncm = Workspace.open(kept / "ncm")
-    assert rows["ncm"]["matrix"] == [ncm.task_json(t)["accuracy"]["per_task"] for t in ncm.tasks]
+    assert rows["ncm"]["matrix"] == [ncm.task_record(t).accuracy.per_task for t in ncm.tasks]
     joint = json.loads(invoke(runner, "eval", "-w", kept / "joint", "--json", "--workers", "0").stdout)
     assert [t["name"] for t in joint["per_task"]] == ["joint"]
     assert rows["joint"]["last"] == pytest.approx(joint["accuracy"])
@@ -63,7 +63,7 @@ def test_bench_compares_methods_and_writes_json(split: Path, tmp_path: Path, tin
     workspace = Workspace.open(kept / "joint")
     method = workspace.build_method()
     images, labels = [], []
-    for path, label in workspace.task_json(workspace.tasks[0])["heldout_files"]:
+    for path, label in workspace.task_record(workspace.tasks[0]).heldout_files:
         if method.classes[label] in ("red", "green"):
             images.append(method.backbone.eval_transform(load_image(kept / "joint-data" / path)))
             labels.append(label)
@@ -193,8 +193,8 @@ def test_finetune_trains_one_shared_lora_and_never_rewrites_a_task(workspace: Pa
     assert lora_keys and set(lora_keys) == {k for k in two if k.startswith("lora.")}
     assert any(not (one[k] == two[k]).all() for k in lora_keys)  # the shared LoRA kept training
     assert one["prompt.context"].shape[0] == two["prompt.context"].shape[0] == 2  # prompts of its own classes
-    accuracy = workspace_.task_json(workspace_.tasks[1])["accuracy"]
-    assert accuracy["per_task"][1] >= 0.8  # the newest task is learned
+    accuracy = workspace_.task_record(workspace_.tasks[1]).accuracy
+    assert accuracy.per_task[1] >= 0.8  # the newest task is learned
     method = workspace_.build_method()
     assert method.lora.names == ["shared"] and len(method.classes) == 4
 
@@ -230,10 +230,10 @@ def test_bench_validation_holds_out_training_images_and_never_reads_the_test_fol
     # 8 training images a class: 2 become the class's test set, 6 train; the real test images are nowhere
     ncm = Workspace.open(kept / "ncm")
     for task in ncm.tasks:
-        details = ncm.task_json(task)
-        assert all(n == 6 for n in details["counts"]["train"].values())
-        assert all(n == 2 for n in details["counts"]["heldout"].values())
-        held = {Path(details["source"]["root"], rel).resolve() for rel, _ in details["heldout_files"]}
+        record = ncm.task_record(task)
+        assert all(n == 6 for n in record.counts.train.values())
+        assert all(n == 2 for n in record.counts.heldout.values())
+        held = {Path(record.source.root, rel).resolve() for rel, _ in record.heldout_files}
         assert all("/train/" in str(path) for path in held)
     assert [row["method"] for row in report["methods"]] == ["ncm", "joint"]
     bad = invoke(runner, "bench", split, "--model", tiny_config, "--pretrained", tiny_weights, "--validation", "1")

@@ -26,7 +26,7 @@ def test_zero_initialised_adapters_compute_the_frozen_model(tiny_config: Path, t
     method, _ = _cma(tiny_config, tiny_weights, blocks="2", class_prompts="false")
     frozen = load_backbone(resolve_model_spec(str(tiny_config), str(tiny_weights)), tiny_config.parent)
     task = TaskInfo(1, ("red", "green", "blue"), 0)
-    method.begin_task(task)
+    method.begin(task)
     images = torch.rand(5, 3, 32, 32)
     text = frozen.encode_texts([f"a photo of a {c}." for c in task.classes])
     expected = (frozen.logit_scale() * frozen.encode_images(images) @ text.T).softmax(dim=-1)
@@ -41,7 +41,7 @@ def test_zero_initialised_adapters_compute_the_frozen_model(tiny_config: Path, t
 
 def test_each_image_mixes_its_top_k_experts(tiny_config: Path, tiny_weights: Path) -> None:
     method, _ = _cma(tiny_config, tiny_weights, experts="5", top_k="2")
-    method.begin_task(TaskInfo(1, ("red", "green"), 0))
+    method.begin(TaskInfo(1, ("red", "green"), 0))
     layer = method.adapters.layers[0]
     tokens = torch.randn(4, 7, layer.down[0].shape[0])
     out, weights = layer(tokens, method.anchors.of(method.tasks).mean(dim=0))
@@ -75,9 +75,9 @@ def test_cma_learns_freezes_experts_and_keeps_them_frozen(tmp_path: Path, tiny_c
     learn_two_tasks(runner, ws, tmp_path / "data", *FAST)
 
     workspace = Workspace.open(ws)
-    details = [workspace.task_json(t) for t in workspace.tasks]
-    assert details[0]["accuracy"]["task"] >= 0.8  # learned (chance 0.5)
-    assert details[1]["accuracy"]["per_task"][1] >= 0.5  # the new task among four classes (chance 0.25)
+    records = [workspace.task_record(t) for t in workspace.tasks]
+    assert records[0].accuracy.task >= 0.8  # learned (chance 0.5)
+    assert records[1].accuracy.per_task[1] >= 0.5  # the new task among four classes (chance 0.25)
     one, two = (workspace.task_tensors(t) for t in workspace.tasks)
     frozen_after_one = one["moe.frozen"]
     assert frozen_after_one.sum(dim=1).tolist() == [1]  # one expert per adapted block (the tiny model has one)
@@ -92,7 +92,7 @@ def test_cma_learns_freezes_experts_and_keeps_them_frozen(tmp_path: Path, tiny_c
     assert all(same for same, frozen in zip(unchanged, frozen_experts, strict=True) if frozen)
     assert not all(same for same, frozen in zip(unchanged, frozen_experts, strict=True) if not frozen)
     assert not torch.equal(one["moe.layers.0.router.weight"], two["moe.layers.0.router.weight"])
-    recorded = details[0]["method"]["frozen_experts"]
+    recorded = records[0].method["frozen_experts"]
     assert recorded == {"block 1": torch.nonzero(frozen_after_one[0]).flatten().tolist()}
     table = invoke(runner, "tasks", "-w", ws, env={"COLUMNS": "220"})
     assert "frozen experts: block 1" in table.stdout
@@ -102,7 +102,7 @@ def test_cma_learns_freezes_experts_and_keeps_them_frozen(tmp_path: Path, tiny_c
     assert report.exit_code == 0, report.output
     import json
 
-    assert json.loads(report.stdout)["accuracy"] == pytest.approx(details[1]["accuracy"]["all"])
+    assert json.loads(report.stdout)["accuracy"] == pytest.approx(records[1].accuracy.all)
 
 
 def test_bad_cma_options_are_one_line_errors(tmp_path: Path, tiny_config: Path, tiny_weights: Path, runner) -> None:

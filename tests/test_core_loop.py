@@ -10,7 +10,8 @@ import torch
 from conftest import FAST, PYTHON, invoke
 
 from clipcl import Workspace
-from clipcl.engine import TrainOptions, add_task, heldout_dataset
+from clipcl.engine import TrainOptions, add_task
+from clipcl.evaluation import heldout_dataset
 
 
 def test_add_task_learns_an_easy_task(workspace: Path, task_factory, runner) -> None:
@@ -37,9 +38,9 @@ def test_second_task_keeps_first_task_tensors_and_predicts_all_classes(workspace
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
     ws = Workspace.open(workspace)
     assert ws.classes == ["green", "red", "blue", "yellow"]
-    details = ws.task_json(ws.tasks[1])
-    assert len(details["accuracy"]["per_task"]) == 2
-    assert details["accuracy"]["all"] >= 0.7  # four classes, chance 0.25
+    record = ws.task_record(ws.tasks[1])
+    assert len(record.accuracy.per_task) == 2
+    assert record.accuracy.all >= 0.7  # four classes, chance 0.25
 
 
 def test_new_process_reloads_the_workspace_and_predicts_the_same(workspace: Path, task_factory, runner) -> None:
@@ -48,18 +49,18 @@ def test_new_process_reloads_the_workspace_and_predicts_the_same(workspace: Path
     script = f"""
 import torch
 from clipcl import Workspace
-from clipcl.engine import heldout_dataset
+from clipcl.evaluation import heldout_dataset
 ws = Workspace.open({str(workspace)!r})
 method = ws.build_method()
 task = ws.tasks[0]
-ds = heldout_dataset(method, task.info, ws.task_json(task))
+ds = heldout_dataset(method, task.info, ws.task_record(task))
 images = torch.stack([ds[i][0] for i in range(len(ds))])
 torch.save(method.predict_proba(images), {str(workspace.parent / "probs.pt")!r})
 """
     subprocess.run([PYTHON, "-c", script], check=True, capture_output=True)
     ws = Workspace.open(workspace)
     method = ws.build_method()
-    ds = heldout_dataset(method, ws.tasks[0].info, ws.task_json(ws.tasks[0]))
+    ds = heldout_dataset(method, ws.tasks[0].info, ws.task_record(ws.tasks[0]))
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     other = torch.load(workspace.parent / "probs.pt", weights_only=True)
     torch.testing.assert_close(method.predict_proba(images), other, rtol=0, atol=1e-6)
@@ -80,7 +81,7 @@ def test_library_api_matches_the_cli(workspace: Path, task_factory) -> None:
     report = add_task(workspace, task_factory("a", ["red", "green"]),
                       TrainOptions(epochs=1, batch_size=8, workers=0, name="first"))
     assert report.task.name == "first"
-    assert report.details["training"]["epochs"] == 1
+    assert report.record.training.epochs == 1
     assert Workspace.open(workspace).tasks[0].name == "first"
 
 

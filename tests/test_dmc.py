@@ -111,20 +111,20 @@ def test_two_stage_methods_learn_and_keep_old_tasks(method: str, tmp_path: Path,
     first, _ = learn_two_tasks(runner, ws, tmp_path / "data", *FAST, second_args=("--epochs-stage2", "5"))
     assert "stage 1 (image encoder): epoch 3/3" in first.stderr and "stage 2 (text prompts): epoch 3/3" in first.stderr
     workspace = Workspace.open(ws)
-    details = [workspace.task_json(t) for t in workspace.tasks]
-    assert details[0]["accuracy"]["task"] >= 0.8
-    accuracy = details[1]["accuracy"]
+    records = [workspace.task_record(t) for t in workspace.tasks]
+    assert records[0].accuracy.task >= 0.8
+    accuracy = records[1].accuracy
     # over four classes (chance 0.25) the workspace stays well above chance; how much of the old task survives
     # depends on the data (with random weights, one shared text context has little to separate classes with),
     # so retention is measured on real photos in BENCHMARKS.md
-    assert accuracy["all"] >= 0.5 and accuracy["per_task"][1] >= 0.5
-    stages = details[1]["timings"]["stages"]
+    assert accuracy.all >= 0.5 and accuracy.per_task[1] >= 0.5
+    stages = records[1].timings.stages
     assert [s["epochs"] for s in stages] == [3, 5] and stages[1]["steps"] > stages[0]["steps"]
     tensors = [workspace.task_tensors(t) for t in workspace.tasks]
     assert tensors[0]["stats.classes"].tolist() == [0, 1]
     # dmc stores the statistics of the new classes; dmc-ot every class's, calibrated
     assert tensors[1]["stats.classes"].tolist() == ([2, 3] if method == "dmc" else [0, 1, 2, 3])
-    assert details[1]["method"]["statistics_bytes_per_class"] == 2 * (32 + 32 * 32)  # fp16 mean + covariance
+    assert records[1].method["statistics_bytes_per_class"] == 2 * (32 + 32 * 32)  # fp16 mean + covariance
     if method == "dmc-ot":
         assert tensors[1]["prompt.task"].shape[0] == 4
         assert not torch.equal(tensors[1]["stats.mean"][:2], tensors[0]["stats.mean"])  # old classes moved

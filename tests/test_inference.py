@@ -12,22 +12,29 @@ from conftest import FAST, invoke, make_task, snapshot
 from PIL import Image
 
 from clipcl import Workspace
-from clipcl.engine import heldout_dataset
+from clipcl.evaluation import heldout_dataset
+
+TWO_TASKS = (("warm", ["red", "green"]), ("cool", ["blue", "yellow"]))
+
+
+def _learned_workspace(root: Path, tiny_config: Path, tiny_weights: Path, tasks, *init_args: str) -> Path:
+    """A dma workspace under ``root`` (``init`` with ``init_args``) that learned ``tasks``: (name, colours) pairs."""
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    ws = root / "ws"
+    result = invoke(runner, "init", "-w", ws, "--model", tiny_config, "--pretrained", tiny_weights, *init_args)
+    assert result.exit_code == 0, result.output
+    for name, classes in tasks:
+        result = invoke(runner, "add-task", "-w", ws, make_task(root / "data" / name, classes), *FAST)
+        assert result.exit_code == 0, result.output
+    return ws
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path, tiny_weights: Path) -> Path:
     """A dma workspace that learned two tasks (red, green) and (blue, yellow); tests only read it."""
-    from typer.testing import CliRunner
-
-    runner = CliRunner()
-    root = tmp_path_factory.mktemp("inference")
-    ws = root / "ws"
-    assert invoke(runner, "init", "-w", ws, "--model", tiny_config, "--pretrained", tiny_weights).exit_code == 0
-    for name, classes in (("warm", ["red", "green"]), ("cool", ["blue", "yellow"])):
-        result = invoke(runner, "add-task", "-w", ws, make_task(root / "data" / name, classes), *FAST)
-        assert result.exit_code == 0, result.output
-    return ws
+    return _learned_workspace(tmp_path_factory.mktemp("inference"), tiny_config, tiny_weights, TWO_TASKS)
 
 
 @pytest.fixture
@@ -118,16 +125,16 @@ def test_eval_json_reproduces_what_add_task_stored(trained: Path, runner) -> Non
     assert [(t["task"], t["name"], t["classes"]) for t in report["per_task"]] == [
         (1, "warm", ["green", "red"]), (2, "cool", ["blue", "yellow"])]
     ws = Workspace.open(trained)
-    stored = [ws.task_json(task)["accuracy"] for task in ws.tasks]
-    assert report["matrix"] == [row["per_task"] for row in stored]
+    stored = [ws.task_record(task).accuracy for task in ws.tasks]
+    assert report["matrix"] == [row.per_task for row in stored]
     # the same model on the same images: today's evaluation equals the last stored row
-    assert [t["accuracy"] for t in report["per_task"]] == stored[-1]["per_task"]
-    assert report["accuracy"] == pytest.approx(stored[-1]["all"])
-    assert report["task_id_accuracy"] == pytest.approx(stored[-1]["task_id"])
-    assert report["accuracy_after_task"] == pytest.approx([stored[0]["all"], stored[1]["all"]])
-    assert report["avg"] == pytest.approx((stored[0]["all"] + stored[1]["all"]) / 2)
-    assert report["last"] == pytest.approx(stored[1]["all"])
-    assert report["forgetting"] == pytest.approx(stored[0]["per_task"][0] - stored[1]["per_task"][0])
+    assert [t["accuracy"] for t in report["per_task"]] == stored[-1].per_task
+    assert report["accuracy"] == pytest.approx(stored[-1].all)
+    assert report["task_id_accuracy"] == pytest.approx(stored[-1].task_id)
+    assert report["accuracy_after_task"] == pytest.approx([stored[0].all, stored[1].all])
+    assert report["avg"] == pytest.approx((stored[0].all + stored[1].all) / 2)
+    assert report["last"] == pytest.approx(stored[1].all)
+    assert report["forgetting"] == pytest.approx(stored[0].per_task[0] - stored[1].per_task[0])
     assert snapshot(trained) == before
 
 
@@ -159,23 +166,27 @@ def test_eval_of_a_workspace_with_a_task_added_without_evaluation(workspace: Pat
     invoke(runner, "add-task", "-w", workspace, images / "warm", *FAST)
     invoke(runner, "add-task", "-w", workspace, images / "cool", *FAST, "--no-eval")
     report = json.loads(invoke(runner, "eval", "-w", workspace, "--json").stdout)
-    first = Workspace.open(workspace).task_json(Workspace.open(workspace).tasks[0])["accuracy"]
-    assert report["matrix"] == [first["per_task"], [None, None]]
-    assert report["avg"] == pytest.approx(first["all"]) and report["last"] is None and report["forgetting"] is None
+    first = Workspace.open(workspace).task_record(Workspace.open(workspace).tasks[0]).accuracy
+    assert report["matrix"] == [first.per_task, [None, None]]
+    assert report["avg"] == pytest.approx(first.all) and report["last"] is None and report["forgetting"] is None
     assert report["accuracy"] is not None  # today's evaluation does not depend on the stored rows
     table = invoke(runner, "eval", "-w", workspace, "--plot", tmp_path / "gap.png", env={"COLUMNS": "160"})
     assert table.exit_code == 0, table.output
     assert "Last -" in table.stdout and (tmp_path / "gap.png").stat().st_size > 0
 
 
-def _heldout_images(trained: Path):
+def _heldout_images(trained: Path, with_labels: bool = False):
+    """The workspace's method and every task's held-out images (and their labels)."""
     ws = Workspace.open(trained)
     method = ws.build_method()
-    batches = []
+    items = []
     for task in ws.tasks:
-        dataset = heldout_dataset(method, task.info, ws.task_json(task))
-        batches += [dataset[i][0] for i in range(len(dataset))]
-    return method, torch.stack(batches)
+        dataset = heldout_dataset(method, task.info, ws.task_record(task))
+        items += [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([image for image, _ in items])
+    if with_labels:
+        return method, images, torch.tensor([label for _, label in items])
+    return method, images
 
 
 def _branch_features(method, images: torch.Tensor) -> list[torch.Tensor]:
@@ -197,32 +208,15 @@ def _branch_probs(method, images: torch.Tensor) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def voting(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path, tiny_weights: Path) -> Path:
     """A dma workspace with the first versions' inference: the frozen router's weighted vote over every task."""
-    from typer.testing import CliRunner
-
-    runner = CliRunner()
-    root = tmp_path_factory.mktemp("voting")
-    ws = root / "ws"
-    result = invoke(runner, "init", "-w", ws, "--model", tiny_config, "--pretrained", tiny_weights,
-                    "--set", "router=mahalanobis", "--set", "route=0")
-    assert result.exit_code == 0, result.output
-    for name, classes in (("warm", ["red", "green"]), ("cool", ["blue", "yellow"])):
-        assert invoke(runner, "add-task", "-w", ws, make_task(root / "data" / name, classes), *FAST).exit_code == 0
-    return ws
+    return _learned_workspace(tmp_path_factory.mktemp("voting"), tiny_config, tiny_weights, TWO_TASKS,
+                              "--set", "router=mahalanobis", "--set", "route=0")
 
 
 @pytest.fixture(scope="module")
 def three_tasks(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path, tiny_weights: Path) -> Path:
     """A dma workspace with the default inference that learned three tasks of two colours."""
-    from typer.testing import CliRunner
-
-    runner = CliRunner()
-    root = tmp_path_factory.mktemp("three")
-    ws = root / "ws"
-    assert invoke(runner, "init", "-w", ws, "--model", tiny_config, "--pretrained", tiny_weights).exit_code == 0
-    for name, classes in (("warm", ["red", "green"]), ("cool", ["blue", "yellow"]), ("pink", ["magenta", "cyan"])):
-        result = invoke(runner, "add-task", "-w", ws, make_task(root / "data" / name, classes), *FAST)
-        assert result.exit_code == 0, result.output
-    return ws
+    return _learned_workspace(tmp_path_factory.mktemp("three"), tiny_config, tiny_weights,
+                              (*TWO_TASKS, ("pink", ["magenta", "cyan"])))
 
 
 def _vote(method, images: torch.Tensor, k: int) -> torch.Tensor:
@@ -321,8 +315,8 @@ def test_the_default_route_runs_at_most_k_adapters_per_image(three_tasks: Path, 
     assert method.predict(images, route="all").encoder_passes == sum(counted) == (1 + len(method.tasks)) * len(images)
     report = json.loads(invoke(runner, "eval", "-w", three_tasks, "--json").stdout)
     assert report["encoder_passes_per_image"] == pytest.approx(1 + k) and report["route"] is None
-    stored = Workspace.open(three_tasks).task_json(Workspace.open(three_tasks).tasks[-1])["accuracy"]
-    assert stored["encoder_passes_per_image"] == pytest.approx(1 + k)  # add-task's evaluation routes too
+    stored = Workspace.open(three_tasks).task_record(Workspace.open(three_tasks).tasks[-1]).accuracy
+    assert stored.encoder_passes_per_image == pytest.approx(1 + k)  # add-task's evaluation routes too
     everything = json.loads(invoke(runner, "eval", "-w", three_tasks, "--json", "--route", "all").stdout)
     assert everything["encoder_passes_per_image"] == pytest.approx(1 + len(method.tasks))
     assert everything["route"] == "all"
@@ -390,15 +384,9 @@ def test_eval_and_predict_may_change_inference_options_only(three_tasks: Path, v
     before = snapshot(three_tasks)
     vote = json.loads(invoke(runner, "eval", "-w", three_tasks, "--json", "--set", "router=mahalanobis",
                              "--route", "all").stdout)
-    method, held = _heldout_images(three_tasks)
-    method.config.router = "mahalanobis"
+    method, held, labels = _heldout_images(three_tasks, with_labels=True)
     expected = _vote(method, held, len(method.tasks))
-    labels = torch.tensor([label for t in Workspace.open(three_tasks).tasks
-                           for _, label in Workspace.open(three_tasks).task_json(t)["heldout_files"]])
-    offsets = torch.repeat_interleave(torch.tensor([t.offset for t in method.tasks]),
-                                      torch.tensor([len(Workspace.open(three_tasks).task_json(t)["heldout_files"])
-                                                    for t in Workspace.open(three_tasks).tasks]))
-    assert vote["accuracy"] == pytest.approx(float((expected.argmax(1) == labels + offsets).float().mean()))
+    assert vote["accuracy"] == pytest.approx(float((expected.argmax(1) == labels).float().mean()))
     predicted = invoke(runner, "predict", "-w", three_tasks, images / "warm", "--json", "--set", "text_weight=0")
     assert predicted.exit_code == 0 and len(_json_lines(predicted.stdout)) == 28
     assert snapshot(three_tasks) == before  # nothing of it is stored

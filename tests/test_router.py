@@ -110,7 +110,7 @@ def test_adapted_space_statistics_are_those_of_each_task_under_its_own_lora(tmp_
     shrinkage = method.config.adapted_shrinkage
     for stored, task in zip(workspace.tasks, method.tasks, strict=True):
         tensors = workspace.task_tensors(stored)
-        data = scan_task_folder(workspace.task_json(stored)["source"]["root"], holdout=0.2, seed=0)
+        data = scan_task_folder(workspace.task_record(stored).source.root, holdout=0.2, seed=0)
         dataset = ImageDataset(data.root, data.train, method.backbone.eval_transform)
         images = torch.stack([dataset[i][0] for i in range(len(dataset))])
         labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])

@@ -35,7 +35,7 @@ def test_prompts_at_their_initial_value_compute_the_frozen_model(name: str, tiny
     torch.testing.assert_close(method.backbone.encode_images(images), frozen.encode_images(images),
                                rtol=1e-5, atol=1e-6)
     task = TaskInfo(1, ("red", "green", "blue"), 0)
-    method.begin_task(task)
+    method.begin(task)
     text = frozen.encode_texts([f"a photo of a {c}." for c in task.classes])
     expected = (frozen.logit_scale() * frozen.encode_images(images) @ text.T).softmax(dim=-1)
     torch.testing.assert_close(method.predict_proba(images), expected, rtol=1e-5, atol=1e-6)
@@ -91,10 +91,10 @@ def test_tppt_learns_and_keeps_old_tasks(name: str, tmp_path: Path, tiny_config:
     learn_two_tasks(runner, ws, tmp_path / "data", "--epochs", "5", "--batch-size", "8", "--workers", "0",
                     "--lr", "5e-2")
     workspace = Workspace.open(ws)
-    details = [workspace.task_json(t) for t in workspace.tasks]
-    assert details[0]["accuracy"]["task"] >= 0.8  # learned (chance 0.5)
-    assert details[1]["accuracy"]["per_task"][1] >= 0.5  # the new task, among four classes (chance 0.25)
-    assert details[1]["method"]["prompt_change"] > 0  # what task 2 changed in the one prompt set
+    records = [workspace.task_record(t) for t in workspace.tasks]
+    assert records[0].accuracy.task >= 0.8  # learned (chance 0.5)
+    assert records[1].accuracy.per_task[1] >= 0.5  # the new task, among four classes (chance 0.25)
+    assert records[1].method["prompt_change"] > 0  # what task 2 changed in the one prompt set
     one, two = (workspace.task_tensors(t) for t in workspace.tasks)
     assert not torch.equal(one["vpt.tokens"], two["vpt.tokens"])
     assert ("prompt.shared" in two) == (name == "tppt-vt")

@@ -1,16 +1,21 @@
 """The interface between the engine and a continual-learning method.
 
-The engine knows nothing about any method. A method is an ``nn.Module`` that
+The engine knows nothing about any method. The engine and the workspace drive a method through three calls that
+the base class owns, so the list of tasks (``Method.tasks``) is kept in one place and no method appends to it:
 
-* restores the tasks already stored (:meth:`Method.restore_task`, in task order),
-* sets itself up for a new task (:meth:`Method.begin_task`) and names what trains (:meth:`Method.trainable_parameters`),
-* returns its training loss from ``forward(images, labels)`` (labels index all classes seen so far),
-* may gather statistics after training (:meth:`Method.end_task`),
-* names the tensors to store for a task (:meth:`Method.task_tensors`), and
-* scores images over every class learned so far (:meth:`Method.predict_proba`; methods with per-task modules
-  override :meth:`Method.predict` to route each image to its most likely tasks).
+* :meth:`Method.restore` adds a stored task (in task order) and calls the method's :meth:`Method.restore_task`;
+* :meth:`Method.begin` adds the task about to be learned and calls :meth:`Method.begin_task`;
+* :meth:`Method.finish` calls :meth:`Method.end_task` with the task's training images once training is over.
 
-It registers itself by name with :func:`register_method`, so adding a method never touches the engine or the CLI.
+In between, a method names what trains (:meth:`Method.trainable_parameters`, per stage for methods with several:
+:attr:`Method.stages`, :meth:`Method.begin_stage`, :meth:`Method.end_stage`), returns its training loss from
+``forward(images, labels)`` (labels index all classes seen so far), names the tensors to store for the task just
+learned (:meth:`Method.task_tensors`), and scores images over every class learned so far
+(:meth:`Method.predict_proba`; a method with per-task modules sets :attr:`Method.routes_tasks` and overrides
+:meth:`Method.predict` to run only each image's most likely tasks' modules).
+
+A method registers itself by name with :func:`register_method`, so adding one never touches the engine or the CLI;
+``tests/test_method_contract.py`` holds every registered method to this contract.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from __future__ import annotations
 import dataclasses
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -62,6 +67,13 @@ def parse_route(value: int | str | None) -> Route:
     return k
 
 
+def check_route_supported(method: type[Method], route: Route) -> None:
+    """Refuse ``route`` for a method that does not route by task: :attr:`Method.routes_tasks` is the one place that
+    says whether a method does."""
+    if route is not None and not method.routes_tasks:
+        raise ClipclError(f"method {method.name} does not route by task: drop --route")
+
+
 @dataclass
 class Prediction:
     """What a method says about a batch of images.
@@ -83,12 +95,77 @@ class MethodConfig:
 
     ``stored_defaults`` holds the value an option had before it existed, for options added after workspaces were
     made: a workspace keeps training the way it started when a newer clipcl adds an option or changes a default.
+    Option groups shared by several methods are mixins below; each checks its own fields in ``__post_init__`` and
+    calls ``super().__post_init__()``.
     """
 
     stored_defaults: ClassVar[dict[str, Any]] = {}
 
+    def __post_init__(self) -> None:
+        """Refuse values that cannot work (each mixin adds its checks)."""
 
-class Method(nn.Module, ABC):
+
+@dataclass
+class PromptContextConfig(MethodConfig):
+    """Learnable text context tokens, initialised from a phrase's embedding."""
+
+    context_tokens: int = field(default=8, metadata={"help": "learnable context tokens per class (M)"})
+    context_init: str = field(default="a photo of a", metadata={"help": "phrase whose embedding starts the context"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.context_tokens <= 32:
+            raise ClipclError(f"context_tokens must be between 1 and 32, got {self.context_tokens}")
+
+
+@dataclass
+class TemplateConfig(MethodConfig):
+    """A fixed text for each class."""
+
+    template: str = field(default="a photo of a {}.", metadata={"help": "text of each class; {} is the class name"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if "{}" not in self.template:
+            raise ClipclError(f"the template needs a {{}} where the class name goes, got {self.template!r}")
+
+
+CE_CLASSES = ("seen", "current")
+
+
+@dataclass
+class CrossEntropyClassesConfig(MethodConfig):
+    """Which classes the training cross-entropy ranges over."""
+
+    ce_classes: str = field(default="current", metadata={"help": "classes the cross-entropy ranges over: 'seen' "
+                                                              "(every class so far) or 'current' (the task's)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ce_classes not in CE_CLASSES:
+            raise ClipclError(f"ce_classes must be 'seen' or 'current', not {self.ce_classes!r}")
+
+
+class PerTaskBuffers(nn.Module):
+    """Tensors kept per task as non-persistent buffers: they follow the module across devices and are never part of
+    its state dict (what a task stores is its own tensor file)."""
+
+    def keep(self, name: str, index: int, tensor: torch.Tensor) -> None:
+        """Keep ``tensor`` as task ``index``'s ``name`` (replacing what was kept)."""
+        self.register_buffer(f"{name}_{index}", tensor, persistent=False)
+
+    def kept(self, name: str, index: int) -> torch.Tensor:
+        return getattr(self, f"{name}_{index}")
+
+    def has_kept(self, name: str, index: int) -> bool:
+        return hasattr(self, f"{name}_{index}")
+
+    def kept_together(self, name: str, indices: Iterable[int]) -> torch.Tensor:
+        """Task after task, ``name`` of each of ``indices`` concatenated along the first dimension."""
+        return torch.cat([self.kept(name, index) for index in indices])
+
+
+class Method(PerTaskBuffers, ABC):
     """A continual-learning method driven by the engine (see the module docstring for the life cycle)."""
 
     name: ClassVar[str]
@@ -106,7 +183,40 @@ class Method(nn.Module, ABC):
         self.backbone = backbone
         self.clip = backbone.model  # registered, so .to(device) moves the base model with the method's own state
         self.config = config
-        self.tasks: list[TaskInfo] = []
+        self.tasks: list[TaskInfo] = []  # kept by restore() and begin() only
+        self._inference_text: torch.Tensor | None = None
+
+    # --- the life cycle, as the engine and the workspace drive it ------------------------------------------------
+    def _add(self, task: TaskInfo) -> None:
+        expected = len(self.tasks) + 1
+        if task.index != expected or task.offset != len(self.classes):
+            raise ValueError(f"task {task.index} (first class {task.offset}) added where task {expected} "
+                             f"(first class {len(self.classes)}) belongs")
+        self.tasks.append(task)
+        self._inference_text = None
+
+    def restore(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
+        """Add a stored task, in task order, from the tensors :meth:`task_tensors` returned for it."""
+        self._add(task)
+        self.restore_task(task, tensors)
+
+    def begin(self, task: TaskInfo) -> None:
+        """Add ``task`` as the one about to be learned (``self.tasks[-1]`` from now on)."""
+        self._add(task)
+        self.begin_task(task)
+
+    def finish(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Training of the current task is over: let the method gather what it keeps from the task's images."""
+        self._inference_text = None
+        self.end_task(self.tasks[-1], batches)
+        self._inference_text = None
+
+    def inference_text(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Every class's text features for inference, computed by ``compute`` once and kept until a task is added or
+        finished (the only moments the classes' text can change outside training)."""
+        if self._inference_text is None:
+            self._inference_text = compute().detach().float()
+        return self._inference_text
 
     def train(self, mode: bool = True) -> Method:
         """Train mode for the method's own modules and peft adapter layers; the frozen base stays in eval mode
@@ -130,11 +240,11 @@ class Method(nn.Module, ABC):
 
     @abstractmethod
     def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
-        """Rebuild a stored task's state from the tensors :meth:`task_tensors` returned for it."""
+        """Rebuild a stored task's state (already ``self.tasks[-1]``) from the tensors :meth:`task_tensors` gave."""
 
     @abstractmethod
     def begin_task(self, task: TaskInfo) -> None:
-        """Prepare to learn ``task`` (new adapters, prompts, ...); it becomes ``self.tasks[-1]``."""
+        """Prepare to learn ``task`` (already ``self.tasks[-1]``): new adapters, prompts, ..."""
 
     def begin_stage(self, stage: str) -> None:
         """Switch to training stage ``stage`` (one of :attr:`stages`); the engine then asks again what trains."""
@@ -155,18 +265,18 @@ class Method(nn.Module, ABC):
         """Gather statistics over the task's training images (eval transform) after training; optional."""
 
     @abstractmethod
-    def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
-        """The tensors to store for ``task``; never anything of another task."""
+    def task_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors to store for the task just learned (``self.tasks[-1]``): everything :meth:`restore_task`
+        needs to rebuild the method as it stands now, given the earlier tasks' tensors."""
 
     @abstractmethod
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``[batch, len(self.classes)]`` (rows sum to 1)."""
 
     def predict(self, images: torch.Tensor, route: Route = None) -> Prediction:
-        """Probabilities over every class learned so far; methods that route by task run only the ``route`` best
-        tasks' modules for each image (``None``: the method's default; ``"all"``: every task's)."""
-        if route is not None:
-            raise ClipclError(f"method {self.name} does not route by task: drop --route")
+        """Probabilities over every class learned so far; methods that route by task (:attr:`routes_tasks`) run only
+        the ``route`` best tasks' modules for each image (``None``: the method's default; ``"all"``: every task's)."""
+        check_route_supported(type(self), route)
         return Prediction(self.predict_proba(images))
 
     def task_metadata(self, task: TaskInfo) -> dict[str, Any]:
@@ -293,4 +403,7 @@ def build_config(method: type[Method], overrides: dict[str, str] | None = None,
     unknown = set(values) - set(fields)
     if unknown:
         raise ClipclError(f"stored options unknown to method {method.name}: {', '.join(sorted(unknown))}")
-    return method.config_class(**values)
+    try:
+        return method.config_class(**values)
+    except ClipclError as exc:  # the config's checks say what is wrong; say which method's option it is
+        raise ClipclError(f"method {method.name}: {exc}") from exc

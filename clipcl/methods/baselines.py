@@ -1,5 +1,4 @@
-"""Baselines that train nothing: ``zeroshot``, ``ncm`` and ``lda`` (../shared/METHODS.md, "Baselines every benchmark
-reports").
+"""Baselines that train nothing: ``zeroshot``, ``ncm`` and ``lda`` (docs/methods.md).
 
 All go through the same engine, workspace and evaluation as the trained methods, so their numbers are measured the
 same way. ``zeroshot`` classifies with the frozen text features of "a photo of a {}."; ``ncm`` ("SimpleCIL") with the
@@ -17,11 +16,11 @@ from typing import Any
 import torch
 
 from ..backbone import Backbone
-from ..errors import ClipclError
 from .base import (
     Method,
     MethodConfig,
     TaskInfo,
+    TemplateConfig,
     clip_probabilities,
     encode_task_images,
     image_class_means,
@@ -34,12 +33,8 @@ LDA_PREFIX = "lda."
 
 
 @dataclass
-class ZeroShotConfig(MethodConfig):
-    template: str = field(default="a photo of a {}.", metadata={"help": "prompt; {} is replaced by the class name"})
-
-    def __post_init__(self) -> None:
-        if "{}" not in self.template:
-            raise ClipclError("zeroshot's template needs a {} where the class name goes")
+class ZeroShotConfig(TemplateConfig):
+    """zeroshot's option: the prompt of each class."""
 
 
 @register_method
@@ -51,23 +46,22 @@ class ZeroShot(Method):
 
     config: ZeroShotConfig
 
-    def _add(self, task: TaskInfo) -> None:
-        self.tasks.append(task)
-        features = self.backbone.encode_texts([self.config.template.format(c) for c in task.classes])
-        self.register_buffer(f"text_features_{task.index}", features, persistent=False)
+    def _encode(self, task: TaskInfo) -> None:
+        self.keep("text_features", task.index,
+                  self.backbone.encode_texts([self.config.template.format(c) for c in task.classes]))
 
     def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
-        self._add(task)
+        self._encode(task)
 
     def begin_task(self, task: TaskInfo) -> None:
-        self._add(task)
+        self._encode(task)
 
-    def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
+    def task_tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        text = torch.cat([getattr(self, f"text_features_{t.index}") for t in self.tasks])
+        text = self.kept_together("text_features", (t.index for t in self.tasks))
         return clip_probabilities(self.backbone, images, text)
 
 
@@ -77,26 +71,22 @@ class NearestClassMean(Method):
     default_epochs = 0
     summary = "nearest class mean of frozen image features, 'SimpleCIL' (baseline, trains nothing)"
 
-    def _means(self, task: TaskInfo) -> torch.Tensor:
-        return getattr(self, f"class_means_{task.index}")
-
     def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
-        self.tasks.append(task)
-        self.register_buffer(f"class_means_{task.index}", tensors[CLASS_MEANS_KEY].to(self.device), persistent=False)
+        self.keep("class_means", task.index, tensors[CLASS_MEANS_KEY].to(self.device))
 
     def begin_task(self, task: TaskInfo) -> None:
-        self.tasks.append(task)
+        """Nothing to set up: the class means are gathered once training (of nothing) is over."""
 
     @torch.no_grad()
     def end_task(self, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.register_buffer(f"class_means_{task.index}", image_class_means(self, task, batches), persistent=False)
+        self.keep("class_means", task.index, image_class_means(self, task, batches))
 
-    def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
-        return {CLASS_MEANS_KEY: self._means(task)}
+    def task_tensors(self) -> dict[str, torch.Tensor]:
+        return {CLASS_MEANS_KEY: self.kept("class_means", self.tasks[-1].index)}
 
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        means = torch.cat([self._means(t) for t in self.tasks])
+        means = self.kept_together("class_means", (t.index for t in self.tasks))
         features = self.backbone.encode_images(images).float()
         return (self.backbone.logit_scale().float() * features @ means.T).softmax(dim=-1)
 
@@ -138,19 +128,18 @@ class LinearDiscriminant(Method):
         self.gaussian = PooledGaussian(LDA_PREFIX, shrinkage_value(config.shrinkage))
 
     def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
-        self.tasks.append(task)
         self.gaussian.add(task, tensors, self.device)
 
     def begin_task(self, task: TaskInfo) -> None:
-        self.tasks.append(task)
+        """Nothing to set up: the statistics are gathered once training (of nothing) is over."""
 
     @torch.no_grad()
     def end_task(self, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         features, labels = encode_task_images(self, task, batches)
         self.gaussian.add(task, self.gaussian.statistics(features, labels, len(task.classes)), self.device)
 
-    def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
-        return self.gaussian.tensors(task)
+    def task_tensors(self) -> dict[str, torch.Tensor]:
+        return self.gaussian.tensors(self.tasks[-1])
 
     def task_metadata(self, task: TaskInfo) -> dict[str, Any]:
         return {"shrinkage": round(self.gaussian.effective_shrinkage(), 6)}

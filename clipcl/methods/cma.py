@@ -1,5 +1,5 @@
 """``cma``: cross-modality mixture-of-experts adapters with representation alignment (Chee, Hsu, Lee, ECAI 2025);
-../shared/METHODS.md §2.
+docs/methods.md says where this departs from the paper.
 
 A mixture of ``experts`` bottleneck adapters (down to ``width``, ReLU, up; the up-projection starts at zero) sits in
 parallel to the MLP of each of the top ``blocks`` image-encoder blocks. Per block, a router scores the experts from
@@ -7,7 +7,7 @@ the cross-modal input: the image's class token entering the MLP, and the mean te
 far. Each image uses its ``top_k`` experts, weighted by the softmax of their router scores. The up-projections start
 at zero, so untrained adapters compute exactly the frozen image encoder.
 
-The classifier is each class's text. METHODS.md's first version used the frozen text of ``template``; on
+The classifier is each class's text. The first version used the frozen text of ``template``; on
 split-imagenette that left cma below nearest-class-mean (the small model's text for class names it never saw is
 poor, and only the image side could move), so by default each class gets a learned context (CoOp, as ``dma`` and
 ``finetune`` use), trained with its task and frozen after it (``class_prompts=false`` restores the fixed text; the
@@ -46,7 +46,15 @@ from torch import nn
 
 from ..backbone import Backbone, vision_blocks
 from ..errors import ClipclError
-from .base import Method, MethodConfig, TaskInfo, clip_probabilities, register_method
+from .base import (
+    CrossEntropyClassesConfig,
+    Method,
+    PromptContextConfig,
+    TaskInfo,
+    TemplateConfig,
+    clip_probabilities,
+    register_method,
+)
 from .components import ClassPrompts, TextAnchors
 from .losses import cross_entropy_over, distillation, relation_preservation, symmetric_image_text_contrastive
 
@@ -54,7 +62,7 @@ FROZEN_KEY = "moe.frozen"
 
 
 @dataclass
-class CMAConfig(MethodConfig):
+class CMAConfig(TemplateConfig, PromptContextConfig, CrossEntropyClassesConfig):
     """cma's options: the mixture of adapters and the weight of each loss term."""
 
     blocks: int = field(default=0, metadata={"help": "top image-encoder blocks that get adapters (0: upper half)"})
@@ -66,27 +74,17 @@ class CMAConfig(MethodConfig):
     kd_temperature: float = field(default=2.0, metadata={"help": "temperature of the distillation"})
     align_weight: float = field(default=0.5, metadata={"help": "weight of the symmetric image-text InfoNCE"})
     relation_weight: float = field(default=1.0, metadata={"help": "weight of the batch relation preservation"})
-    template: str = field(default="a photo of a {}.", metadata={"help": "text of each class; {} is the class"})
     class_prompts: bool = field(default=True, metadata={"help": "learn a context per class (CoOp, frozen after "
                                                                 "its task) instead of the fixed template's text"})
-    context_tokens: int = field(default=8, metadata={"help": "learnable context tokens per class"})
-    context_init: str = field(default="a photo of a", metadata={"help": "phrase whose embedding starts the context"})
-    ce_classes: str = field(default="current", metadata={"help": "classes the cross-entropy ranges over: 'seen' "
-                                                              "(every class so far) or 'current' (the task's)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.blocks < 0 or not 1 <= self.top_k <= self.experts or self.width < 1:
-            raise ClipclError("cma needs blocks >= 0, 1 <= top_k <= experts and width >= 1")
+            raise ClipclError("needs blocks >= 0, 1 <= top_k <= experts and width >= 1")
         if not 0 <= self.freeze_per_task <= self.experts:
-            raise ClipclError("cma needs 0 <= freeze_per_task <= experts")
+            raise ClipclError("needs 0 <= freeze_per_task <= experts")
         if min(self.kd_weight, self.align_weight, self.relation_weight) < 0 or self.kd_temperature <= 0:
-            raise ClipclError("cma's loss weights must be >= 0 and kd_temperature > 0")
-        if "{}" not in self.template:
-            raise ClipclError("cma's template needs a {} where the class name goes")
-        if not 1 <= self.context_tokens <= 32:
-            raise ClipclError("cma needs 1 <= context_tokens <= 32")
-        if self.ce_classes not in ("seen", "current"):
-            raise ClipclError(f"cma's ce_classes must be 'seen' or 'current', not {self.ce_classes!r}")
+            raise ClipclError("the loss weights must be >= 0 and kd_temperature > 0")
 
 
 class BottleneckExperts(nn.Module):
@@ -202,7 +200,6 @@ class CMA(Method):
         self.anchors = TextAnchors(backbone, config.template)  # the router's text side, and the classifier without
         self.prompts = ClassPrompts(backbone, config.context_tokens, config.context_init) if config.class_prompts \
             else None
-        self.text_features: torch.Tensor | None = None  # every class's text for inference; reset on change
         self._active: MixtureOfAdapters = self.adapters
         self._text_context: torch.Tensor | None = None
         self._routing: list[torch.Tensor] | None = None  # summed routing weights per block while recording
@@ -231,21 +228,16 @@ class CMA(Method):
         finally:
             self._active, self._text_context = self.adapters, None
 
-    def _add(self, task: TaskInfo) -> None:
-        self.tasks.append(task)
-        self.text_features = None
-        self.anchors.add(task)
-
     def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
-        self._add(task)
+        self.anchors.add(task)
         self.adapters.load(tensors)
         if self.prompts is not None:
             self.prompts.add(task, tensors)
 
     def begin_task(self, task: TaskInfo) -> None:
         # the model after the previous task, exactly as restored from the workspace: the old-model terms' teacher
-        self.previous = copy.deepcopy(self.adapters).requires_grad_(False) if self.tasks else None
-        self._add(task)
+        self.previous = copy.deepcopy(self.adapters).requires_grad_(False) if len(self.tasks) > 1 else None
+        self.anchors.add(task)
         if self.prompts is not None:
             self.prompts.add(task)
         self.newly_frozen = {}
@@ -297,7 +289,6 @@ class CMA(Method):
         self.previous = None
         if self.prompts is not None:
             self.prompts.freeze(task)
-        self.text_features = None
         self._routing = [torch.zeros(len(layer.frozen), device=self.device) for layer in self.adapters.layers]
         try:
             for images, _ in batches:
@@ -313,10 +304,8 @@ class CMA(Method):
             layer.frozen[top] = True
             self.newly_frozen[f"block {block_index}"] = fresh
 
-    def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
-        if task != self.tasks[-1]:
-            raise ValueError("cma stores the adapters of the newest task only")
-        prompts = self.prompts.tensors(task) if self.prompts is not None else {}
+    def task_tensors(self) -> dict[str, torch.Tensor]:
+        prompts = self.prompts.tensors(self.tasks[-1]) if self.prompts is not None else {}
         return {**self.adapters.tensors(), **prompts}
 
     def task_metadata(self, task: TaskInfo) -> dict[str, Any]:
@@ -326,8 +315,7 @@ class CMA(Method):
 
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        if self.text_features is None:
-            text = self.anchors.of(self.tasks) if self.prompts is None else self.prompts.features(self.tasks)
-            self.text_features = text.float()
+        text = self.inference_text(lambda: self.anchors.of(self.tasks) if self.prompts is None
+                                   else self.prompts.features(self.tasks))
         with self._using(self.adapters, self.tasks):
-            return clip_probabilities(self.backbone, images, self.text_features)
+            return clip_probabilities(self.backbone, images, text)

@@ -1,6 +1,7 @@
 """Building blocks that several methods share: LoRA on the image tower, and class prompts through the text tower.
 
-They hold the mechanics (peft adapters by name, prompt tokens, cached text features) so that a method module says
+They hold the mechanics (peft adapters by name, prompt tokens, cached text features, pooled class Gaussians, fixed
+text anchors) so that a method module says
 only what is specific to it: which adapter trains when, what the loss is, and how inference combines the parts.
 """
 
@@ -15,7 +16,15 @@ from torch import nn
 
 from ..backbone import Backbone, context_tokens, encode_text_with_context, linearize_attention, phrase_embedding
 from ..errors import ClipclError
-from .base import MethodConfig, TaskInfo, class_means, gaussian_log_likelihoods, shrink, within_class_scatter
+from .base import (
+    PerTaskBuffers,
+    PromptContextConfig,
+    TaskInfo,
+    class_means,
+    gaussian_log_likelihoods,
+    shrink,
+    within_class_scatter,
+)
 
 ATTENTION_PROJECTIONS = r".*\.attn\.(q_proj|k_proj|v_proj|out_proj|qkv|proj)"
 LORA_PREFIX = "lora."
@@ -23,20 +32,17 @@ CONTEXT_KEY = "prompt.context"
 
 
 @dataclass
-class LoraPromptConfig(MethodConfig):
-    """Options of methods that train a LoRA on the image encoder and class-specific text prompts."""
+class LoraPromptConfig(PromptContextConfig):
+    """Options of methods that train a LoRA on the image encoder and text prompts."""
 
     lora_rank: int = field(default=8, metadata={"help": "rank of the LoRA"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / rank)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    context_tokens: int = field(default=8, metadata={"help": "learnable context tokens per class (M)"})
-    context_init: str = field(default="a photo of a", metadata={"help": "phrase whose embedding starts the context"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise ClipclError("LoRA options need lora_rank >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
-        if not 1 <= self.context_tokens <= 32:
-            raise ClipclError("the prompt options need 1 <= context_tokens <= 32")
 
     def lora(self) -> LoraConfig:
         return LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
@@ -111,7 +117,7 @@ def initial_context(backbone: Backbone, n_classes: int, n_tokens: int, phrase: s
     return context.unsqueeze(0).repeat(n_classes, 1, 1)
 
 
-class ClassPrompts(nn.Module):
+class ClassPrompts(PerTaskBuffers):
     """One learnable context per class (CoOp with class-specific context), added task by task.
 
     Each task's classes get ``[classes, n_tokens, width]`` context vectors placed before the class-name tokens and fed
@@ -136,9 +142,9 @@ class ClassPrompts(nn.Module):
         device = self.backbone.token_embedding().weight.device
         self.contexts.append(nn.Parameter(context.to(device)))
         tokens = context_tokens(self.backbone, list(task.classes), self.n_tokens).to(device)
-        self.register_buffer(f"tokens_{task.index}", tokens, persistent=False)
+        self.keep("tokens", task.index, tokens)
         with torch.no_grad():
-            self.register_buffer(f"features_{task.index}", self.encode(task).detach(), persistent=False)
+            self.keep("features", task.index, self.encode(task).detach())
 
     def context(self, task: TaskInfo) -> nn.Parameter:
         return self.contexts[task.index - 1]
@@ -149,20 +155,20 @@ class ClassPrompts(nn.Module):
 
     def encode(self, task: TaskInfo) -> torch.Tensor:
         """Text features of ``task``'s classes from the current context (differentiable)."""
-        return encode_text_with_context(self.backbone, getattr(self, f"tokens_{task.index}"), self.context(task))
+        return encode_text_with_context(self.backbone, self.kept("tokens", task.index), self.context(task))
 
     @torch.no_grad()
     def freeze(self, task: TaskInfo) -> None:
         """Cache ``task``'s text features from its trained context."""
-        getattr(self, f"features_{task.index}").copy_(self.encode(task))
+        self.kept("features", task.index).copy_(self.encode(task))
 
     def cached(self, task: TaskInfo) -> torch.Tensor:
         """``task``'s text features as last cached (at :meth:`add` or :meth:`freeze`)."""
-        return getattr(self, f"features_{task.index}")
+        return self.kept("features", task.index)
 
     def features(self, tasks: list[TaskInfo]) -> torch.Tensor:
         """Cached text features of ``tasks``' classes, in task order."""
-        return torch.cat([self.cached(task) for task in tasks])
+        return self.kept_together("features", (task.index for task in tasks))
 
 
 AUTO_SHRINKAGE = "auto"
@@ -187,7 +193,7 @@ def shrinkage_value(value: str) -> float | None:
     return None if value == AUTO_SHRINKAGE else float(value)
 
 
-class PooledGaussian(nn.Module):
+class PooledGaussian(PerTaskBuffers):
     """Class means of features with one within-class covariance pooled over every task added so far: the
     Gaussian model of linear discriminant analysis, kept task by task.
 
@@ -246,24 +252,27 @@ class PooledGaussian(nn.Module):
                              "an earlier clipcl)")
         for key in (*self.keys, self.fourth_key):
             if key in tensors:
-                self.register_buffer(self._buffer(key, task.index), tensors[key].to(device), persistent=False)
+                self.keep(self._name(key), task.index, tensors[key].to(device))
         self.classes_per_task.append(int(tensors[self.keys[0]].shape[0]))
         self.n_tasks += 1
         self._precision = None
 
-    def _buffer(self, key: str, index: int) -> str:
-        return f"{key[len(self.prefix):]}_{index}"
+    def _name(self, key: str) -> str:
+        return key[len(self.prefix):]
+
+    def _kept(self, key: str, index: int) -> torch.Tensor:
+        return self.kept(self._name(key), index)
 
     def tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
-        keys = (*self.keys, *((self.fourth_key,) if hasattr(self, self._buffer(self.fourth_key, task.index)) else ()))
-        return {key: getattr(self, self._buffer(key, task.index)) for key in keys}
+        keys = (*self.keys, *((self.fourth_key,) if self.has_kept(self._name(self.fourth_key), task.index) else ()))
+        return {key: self._kept(key, task.index) for key in keys}
 
     def effective_shrinkage(self) -> float:
         """The shrinkage in use: the fixed one, or Ledoit-Wolf's estimate from every task so far."""
         if self.shrinkage is not None:
             return self.shrinkage
         covariance, count = self.covariance(), self._count()
-        fourth = sum(float(getattr(self, self._buffer(self.fourth_key, i))) for i in range(1, self.n_tasks + 1))
+        fourth = sum(float(self._kept(self.fourth_key, i)) for i in range(1, self.n_tasks + 1))
         dim = covariance.shape[0]
         mu = float(covariance.trace()) / dim
         squared = float((covariance * covariance).sum())
@@ -273,14 +282,14 @@ class PooledGaussian(nn.Module):
 
     def means(self, index: int) -> torch.Tensor:
         """Class means of task ``index`` (from 1)."""
-        return getattr(self, self._buffer(self.keys[0], index))
+        return self._kept(self.keys[0], index)
 
     def _count(self) -> float:
-        return max(sum(float(getattr(self, self._buffer(self.keys[2], i))) for i in range(1, self.n_tasks + 1)), 1.0)
+        return max(sum(float(self._kept(self.keys[2], i)) for i in range(1, self.n_tasks + 1)), 1.0)
 
     def covariance(self) -> torch.Tensor:
         """The within-class covariance pooled over every task (float64, unshrunk)."""
-        scatter = sum(getattr(self, self._buffer(self.keys[1], i)).double() for i in range(1, self.n_tasks + 1))
+        scatter = sum(self._kept(self.keys[1], i).double() for i in range(1, self.n_tasks + 1))
         return scatter / self._count()
 
     def precision(self) -> torch.Tensor:
@@ -306,7 +315,7 @@ SHARED_CONTEXT_KEY = "prompt.shared"
 TASK_CONTEXT_KEY = "prompt.task"
 
 
-class SharedPrompt(nn.Module):
+class SharedPrompt(PerTaskBuffers):
     """One learnable context shared by every class (CoOp), optionally preceded by ``task_tokens`` tokens of the
     class's own task: ``[task tokens] [shared context] <class name>.``
 
@@ -339,7 +348,7 @@ class SharedPrompt(nn.Module):
         self.task_contexts.append(nn.Parameter(task_context.to(device)))
         n_context = self.n_task_tokens + self.shared.shape[0]
         tokens = context_tokens(self.backbone, list(task.classes), n_context).to(device)
-        self.register_buffer(f"tokens_{task.index}", tokens, persistent=False)
+        self.keep("tokens", task.index, tokens)
         self.tasks.append(task)
 
     def task_context(self, task: TaskInfo) -> nn.Parameter:
@@ -348,7 +357,7 @@ class SharedPrompt(nn.Module):
     def encode(self, tasks: list[TaskInfo] | None = None) -> torch.Tensor:
         """Text features of every class of ``tasks`` (default: all) from the current contexts (differentiable)."""
         tasks = self.tasks if tasks is None else tasks
-        tokens = torch.cat([getattr(self, f"tokens_{task.index}") for task in tasks])
+        tokens = self.kept_together("tokens", (task.index for task in tasks))
         contexts = torch.cat([
             torch.cat([self.task_context(task), self.shared]).unsqueeze(0).expand(len(task.classes), -1, -1)
             for task in tasks
@@ -363,7 +372,7 @@ class SharedPrompt(nn.Module):
         return stored
 
 
-class TextAnchors(nn.Module):
+class TextAnchors(PerTaskBuffers):
     """Each class's frozen text embedding of ``template`` (the fixed classifier and anchors of tppt and cma), added
     task by task as buffers, so they follow the method across devices and are never stored: the frozen text tower
     recomputes them exactly."""
@@ -376,9 +385,9 @@ class TextAnchors(nn.Module):
 
     def add(self, task: TaskInfo) -> None:
         anchors = self.backbone[0].encode_texts([self.template.format(name) for name in task.classes])
-        self.register_buffer(f"task_{task.index}", anchors, persistent=False)
+        self.keep("anchors", task.index, anchors)
         self.count += 1
 
     def of(self, tasks: list[TaskInfo]) -> torch.Tensor:
         """``[classes, dim]`` anchors of ``tasks``' classes, in task order."""
-        return torch.cat([getattr(self, f"task_{task.index}") for task in tasks])
+        return self.kept_together("anchors", (task.index for task in tasks))

@@ -1,4 +1,4 @@
-"""``dma``: dual-modality adaptation (Chen et al., Neural Networks 2025); ../shared/METHODS.md §1.
+"""``dma``: dual-modality adaptation (Chen et al., Neural Networks 2025); docs/methods.md.
 
 Each task gets its own LoRA on the image encoder's attention projections (a named peft adapter, frozen once the task
 ends) and one learnable context per class, fed through the frozen text encoder (CoOp with class-specific context).
@@ -82,16 +82,16 @@ class DMAConfig(LoraPromptConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.router not in ROUTERS:
-            raise ClipclError(f"dma's router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+            raise ClipclError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         self.router_shrinkage = check_shrinkage(self.router_shrinkage, "router_shrinkage")
         if not 0 < self.adapted_shrinkage <= 1:
-            raise ClipclError("dma needs 0 < adapted_shrinkage <= 1")
+            raise ClipclError("needs 0 < adapted_shrinkage <= 1")
         if not 0 <= self.class_mix <= 1:
-            raise ClipclError("dma needs 0 <= class_mix <= 1")
+            raise ClipclError("needs 0 <= class_mix <= 1")
         if min(self.text_weight, self.adapted_weight, self.fit_weight) < 0:
-            raise ClipclError("dma's text_weight, adapted_weight and fit_weight cannot be negative")
+            raise ClipclError("text_weight, adapted_weight and fit_weight cannot be negative")
         if self.route < 0:
-            raise ClipclError("dma's route is a number of tasks (0 = every task)")
+            raise ClipclError("route is a number of tasks (0 = every task)")
 
     @property
     def uses_adapted_space(self) -> bool:
@@ -124,7 +124,6 @@ class DMA(Method):
         return f"task-{task.index}"
 
     def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
-        self.tasks.append(task)
         self.lora.add(self.adapter_name(task))
         self.lora.load(self.adapter_name(task), tensors)
         self.router.add(task, tensors, self.device)
@@ -137,7 +136,6 @@ class DMA(Method):
         self.prompts.add(task, tensors)
 
     def begin_task(self, task: TaskInfo) -> None:
-        self.tasks.append(task)
         self.lora.add(self.adapter_name(task))
         self.prompts.add(task)
 
@@ -171,7 +169,8 @@ class DMA(Method):
             self.adapted.add(task, self.adapted.statistics(torch.cat(adapted), targets, len(task.classes)),
                              self.device)
 
-    def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
+    def task_tensors(self) -> dict[str, torch.Tensor]:
+        task = self.tasks[-1]
         adapted = self.adapted.tensors(task) if self.config.uses_adapted_space else {}
         return {**self.lora.state(self.adapter_name(task)), **self.prompts.tensors(task), **self.router.tensors(task),
                 **adapted}

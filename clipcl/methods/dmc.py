@@ -1,4 +1,4 @@
-"""``dmc`` and ``dmc-ot``: decoupled modality training (Chen et al., arXiv 2511.10974); ../shared/METHODS.md §4.
+"""``dmc`` and ``dmc-ot``: decoupled modality training (Chen et al., arXiv 2511.10974); docs/methods.md.
 
 Each task trains in two stages, each with the other modality frozen:
 
@@ -18,7 +18,7 @@ tokens, placed before the shared context of its classes and trained in its stage
 
 Inference is one pass: the image through the shared LoRA, against every class's prompt.
 
-Why stage 1 sees only the current classes (METHODS.md says "the frozen text features of the current prompts"):
+Why stage 1 sees only the current classes (the paper: "the frozen text features of the current prompts"):
 with the old classes' text features among the negatives, the shared LoRA learns to push every image away from
 the old classes, and stage 2 cannot undo it from replayed statistics. On split-imagenette that left old tasks at
 0.0-1.9% after each new task (dmc Avg / Last 38.70 / 17.73, below naive fine-tuning's 44.83 / 16.92).
@@ -68,9 +68,9 @@ class DMCConfig(LoraPromptConfig):
         if self.cov not in COVARIANCE_KINDS:
             raise ClipclError(f"cov must be one of {', '.join(COVARIANCE_KINDS)}, got {self.cov!r}")
         if not 0 <= self.shrinkage <= 1 or self.replay_ratio < 0 or not 0 <= self.task_tokens <= 16:
-            raise ClipclError("dmc needs 0 <= shrinkage <= 1, replay_ratio >= 0 and 0 <= task_tokens <= 16")
+            raise ClipclError("needs 0 <= shrinkage <= 1, replay_ratio >= 0 and 0 <= task_tokens <= 16")
         if self.ot_samples < 2 or not self.ot_reg > 0 or not self.ot_relaxation > 0:
-            raise ClipclError("dmc needs ot_samples >= 2, ot_reg > 0 and ot_relaxation > 0")
+            raise ClipclError("needs ot_samples >= 2, ot_reg > 0 and ot_relaxation > 0")
 
 
 @dataclass
@@ -100,22 +100,16 @@ class DMC(Method):
         self.stage = IMAGE_STAGE
         self.changed: list[int] = []  # classes whose statistics this task set
         self.stage1_text: torch.Tensor | None = None
-        self.text_features: torch.Tensor | None = None  # every class's, for inference; None whenever prompts change
 
     # --- tasks ----------------------------------------------------------------------------------------------------
-    def _start(self, task: TaskInfo) -> None:
-        self.tasks.append(task)
-        self.text_features = None
-        self.lora.ensure(SHARED_ADAPTER)
-
     def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
-        self._start(task)
+        self.lora.ensure(SHARED_ADAPTER)
         self.lora.load(SHARED_ADAPTER, tensors)
         self.prompt.add(task, tensors)
         self.bank.load(tensors, self.device)
 
     def begin_task(self, task: TaskInfo) -> None:
-        self._start(task)
+        self.lora.ensure(SHARED_ADAPTER)
         self.prompt.add(task)
         self.changed = []
         if self.calibrates and len(self.tasks) > 1:  # keep the encoder as it is now, to measure the drift
@@ -125,7 +119,6 @@ class DMC(Method):
 
     def begin_stage(self, stage: str) -> None:
         self.stage = stage
-        self.text_features = None
         if stage == IMAGE_STAGE:
             with torch.no_grad():
                 self.stage1_text = self.prompt.encode([self.tasks[-1]]).detach()
@@ -182,12 +175,11 @@ class DMC(Method):
             self.changed = list(range(task.offset + len(task.classes)))
 
     def end_task(self, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.stage1_text = self.text_features = None
+        self.stage1_text = None
 
-    def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
-        if task != self.tasks[-1]:
-            raise ValueError(f"{self.name} stores the shared state of the newest task only")
-        return {**self.lora.state(SHARED_ADAPTER), **self.prompt.tensors(task), **self.bank.tensors(self.changed)}
+    def task_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.lora.state(SHARED_ADAPTER), **self.prompt.tensors(self.tasks[-1]),
+                **self.bank.tensors(self.changed)}
 
     def task_metadata(self, task: TaskInfo) -> dict[str, Any]:
         return {"statistics": self.config.cov, "statistics_classes": len(self.changed),
@@ -196,9 +188,7 @@ class DMC(Method):
     # --- inference ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        if self.text_features is None:
-            self.text_features = self.prompt.encode().float()
-        return clip_probabilities(self.backbone, images, self.text_features)
+        return clip_probabilities(self.backbone, images, self.inference_text(self.prompt.encode))
 
 
 @register_method

@@ -1,4 +1,4 @@
-"""``finetune``: naive sequential fine-tuning, the lower bound every benchmark reports (../shared/METHODS.md).
+"""``finetune``: naive sequential fine-tuning, the lower bound every benchmark reports (docs/methods.md).
 
 One LoRA on the image encoder, shared by all tasks and trained on, task after task, and class-specific prompts like
 ``dma``'s. Each task trains with cross-entropy over its own classes only and nothing protects what earlier tasks
@@ -45,17 +45,13 @@ class Finetune(Method):
         self.lora = ImageLoRA(self.clip.visual, config.lora())
         self.prompts = ClassPrompts(backbone, config.context_tokens, config.context_init)
 
-    def _start(self, task: TaskInfo) -> None:
-        self.tasks.append(task)
-        self.lora.ensure(SHARED_ADAPTER)
-
     def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
-        self._start(task)
+        self.lora.ensure(SHARED_ADAPTER)
         self.lora.load(SHARED_ADAPTER, tensors)
         self.prompts.add(task, tensors)
 
     def begin_task(self, task: TaskInfo) -> None:
-        self._start(task)
+        self.lora.ensure(SHARED_ADAPTER)
         self.prompts.add(task)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -69,10 +65,8 @@ class Finetune(Method):
     def end_task(self, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.prompts.freeze(task)
 
-    def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
-        if task != self.tasks[-1]:
-            raise ValueError("finetune stores the shared LoRA of the newest task only")
-        return {**self.lora.state(SHARED_ADAPTER), **self.prompts.tensors(task)}
+    def task_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.lora.state(SHARED_ADAPTER), **self.prompts.tensors(self.tasks[-1])}
 
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:

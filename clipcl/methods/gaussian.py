@@ -1,6 +1,6 @@
 """Class-wise Gaussian statistics of image features: estimation, storage, sampling, and optimal-transport calibration.
 
-Used by ``dmc`` and ``dmc-ot`` (../shared/METHODS.md §4) to replay old classes without keeping their images: each
+Used by ``dmc`` and ``dmc-ot`` (docs/methods.md) to replay old classes without keeping their images: each
 class is summarised by the mean and covariance of its image features (full, shrunk toward a scaled identity, or
 diagonal), and stage 2 of every later task draws features of the old classes from ``N(mean, covariance)``.
 

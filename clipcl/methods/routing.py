@@ -31,16 +31,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import ClipclError
-from .base import TaskInfo, gaussian_log_likelihoods, shrink
+from .base import PerTaskBuffers, TaskInfo, gaussian_log_likelihoods, shrink
 from .components import PooledGaussian
 
 
-class TaskRouter(nn.Module):
-    """Which tasks an image belongs to, from one pass of the frozen image encoder (../shared/METHODS.md, "Task
-    routing").
+class TaskRouter(PerTaskBuffers):
+    """Which tasks an image belongs to, from one pass of the frozen image encoder.
 
     Each task keeps the mean frozen feature of each of its classes and the within-class scatter of its training
     images. A class's score is, with ``mahalanobis``, its Gaussian log-likelihood under the within-class covariance
@@ -79,8 +77,7 @@ class TaskRouter(nn.Module):
                 raise ValueError(f"task {task.index} lacks the per-class statistics {', '.join(missing)} that router "
                                  "class-covariance needs (it was stored with another router)")
             for key in (self.CLASS_SCATTER_KEY, self.CLASS_COUNT_KEY):
-                self.register_buffer(f"{key.split('.')[-1]}_{task.index}", tensors[key].to(device),
-                                     persistent=False)
+                self.keep(key.split(".")[-1], task.index, tensors[key].to(device))
         self.gaussian.add(task, tensors, device)
         self._class_factors = None
 
@@ -98,7 +95,7 @@ class TaskRouter(nn.Module):
         stored = self.gaussian.tensors(task)
         if self.kind == "class-covariance":
             for key in (self.CLASS_SCATTER_KEY, self.CLASS_COUNT_KEY):
-                stored[key] = getattr(self, f"{key.split('.')[-1]}_{task.index}")
+                stored[key] = self.kept(key.split(".")[-1], task.index)
         return stored
 
     def precision(self) -> torch.Tensor:
@@ -110,8 +107,9 @@ class TaskRouter(nn.Module):
         key = (self.n_tasks, self.gaussian.means(1).device)
         if self._class_factors is None or self._class_factors[0] != key:
             pooled = self.gaussian.covariance()
-            scatters = torch.cat([getattr(self, f"class_scatter_{i}") for i in range(1, self.n_tasks + 1)]).double()
-            counts = torch.cat([getattr(self, f"class_count_{i}") for i in range(1, self.n_tasks + 1)]).double()
+            tasks = range(1, self.n_tasks + 1)
+            scatters = self.kept_together("class_scatter", tasks).double()
+            counts = self.kept_together("class_count", tasks).double()
             own = scatters / counts.clamp_min(1.0)[:, None, None]
             mixed = (1 - self.class_mix) * own + self.class_mix * pooled
             factors = torch.linalg.cholesky(torch.stack([shrink(c, self.gaussian.effective_shrinkage())
@@ -144,7 +142,7 @@ class TaskRouter(nn.Module):
         return self.task_scores(features, logit_scale).softmax(dim=1)
 
 
-class AdaptedSpaces(nn.Module):
+class AdaptedSpaces(PerTaskBuffers):
     """Each task's classes as the task's own adapter sees them, and how well its own images fit there.
 
     Per task: the class means and within-class scatter of its training images encoded with its adapter, their
@@ -183,33 +181,35 @@ class AdaptedSpaces(nn.Module):
         if missing:
             raise ValueError(f"task {task.index} lacks the adapted-space statistics {', '.join(missing)}")
         for key in self.KEYS:
-            self.register_buffer(self._buffer(key, task.index), tensors[key].to(device), persistent=False)
+            self.keep(self._name(key), task.index, tensors[key].to(device))
         self.n_tasks += 1
 
     @staticmethod
-    def _buffer(key: str, index: int) -> str:
-        return f"{key.split('.')[-1]}_{index}"
+    def _name(key: str) -> str:
+        return key.split(".")[-1]
+
+    def _kept(self, key: str, index: int) -> torch.Tensor:
+        return self.kept(self._name(key), index)
 
     def tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
-        return {key: getattr(self, self._buffer(key, task.index)) for key in self.KEYS}
+        return {key: self._kept(key, task.index) for key in self.KEYS}
 
     def precision(self, index: int) -> torch.Tensor:
         """Inverse of task ``index``'s shrunk within-class covariance in its adapted space (float64), cached."""
-        scatter = getattr(self, self._buffer(self.SCATTER_KEY, index))
+        scatter = self._kept(self.SCATTER_KEY, index)
         key = (index, scatter.device)
         if key not in self._precisions:
-            count = float(getattr(self, self._buffer(self.COUNT_KEY, index)))
+            count = float(self._kept(self.COUNT_KEY, index))
             self._precisions[key] = torch.linalg.inv(shrink(scatter.double() / max(count, 1.0), self.shrinkage))
         return self._precisions[key]
 
     @torch.no_grad()
     def class_log_likelihoods(self, index: int, features: torch.Tensor) -> torch.Tensor:
         """``[batch, classes of task index]`` log-likelihoods of adapted ``features`` (up to a shared constant)."""
-        return gaussian_log_likelihoods(features, getattr(self, self._buffer(self.MEANS_KEY, index)),
-                                        self.precision(index))
+        return gaussian_log_likelihoods(features, self._kept(self.MEANS_KEY, index), self.precision(index))
 
     def fit(self, index: int, log_likelihoods: torch.Tensor) -> torch.Tensor:
         """``[batch]``: the best class's log-likelihood (from :meth:`class_log_likelihoods`) in units of the spread
         of task ``index``'s own training images' fit."""
-        mean, std = getattr(self, self._buffer(self.FIT_KEY, index)).double()
+        mean, std = self._kept(self.FIT_KEY, index).double()
         return (log_likelihoods.max(dim=1).values - mean) / std

@@ -1,8 +1,8 @@
 """``tppt-v`` and ``tppt-vt``: textual prototypes guiding visual prompt tuning (Lu et al., TMLR 2025);
-../shared/METHODS.md §3.
+docs/methods.md says where this departs from the paper.
 
 One set of deep visual prompts (VPT-deep: ``prompt_tokens`` learnable tokens entering every block of the image
-encoder, :func:`clipcl.backbone.attach_deep_prompts`) is tuned across all tasks, guided by the classes' text
+encoder, :mod:`clipcl.methods.visual_prompts`) is tuned across all tasks, guided by the classes' text
 embeddings as anchors. The loss is bidirectional: cross-entropy of each image against the anchors of every class
 seen so far, plus ``contrastive_weight`` times a text-to-image supervised contrastive term (each anchor of a class in
 the batch pulls that class's images against the batch's other images).
@@ -19,7 +19,6 @@ and ``task_metadata`` records how far the task moved them, so ``clipcl tasks`` s
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,74 +26,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import Backbone, attach_deep_prompts, vision_blocks
+from ..backbone import Backbone
 from ..errors import ClipclError
-from .base import Method, MethodConfig, TaskInfo, clip_probabilities, register_method
+from .base import (
+    CrossEntropyClassesConfig,
+    Method,
+    PromptContextConfig,
+    TaskInfo,
+    TemplateConfig,
+    clip_probabilities,
+    register_method,
+)
 from .components import SharedPrompt, TextAnchors
 from .losses import cross_entropy_over, text_to_image_contrastive
-
-TOKENS_KEY = "vpt.tokens"
-GATES_KEY = "vpt.gates"
+from .visual_prompts import GATES_KEY, TOKENS_KEY, DeepVisualPrompts
 
 
 @dataclass
-class TPPTConfig(MethodConfig):
-    """tppt-v's options: the visual prompts and the weight of the text-to-image term."""
+class TPPTConfig(TemplateConfig, CrossEntropyClassesConfig):
+    """tppt-v's options: the visual prompts, the anchors' template, and the weight of the text-to-image term."""
 
     stored_defaults: ClassVar[dict[str, Any]] = {"ce_classes": "seen"}  # workspaces made before the option
 
     prompt_tokens: int = field(default=8, metadata={"help": "visual prompt tokens per image-encoder block"})
     contrastive_weight: float = field(default=0.5, metadata={"help": "weight of the text-to-image contrastive term"})
-    template: str = field(default="a photo of a {}.", metadata={"help": "text of the anchors; {} is the class"})
-    ce_classes: str = field(default="current", metadata={"help": "anchors the image-to-text cross-entropy ranges over: "
-                                                              "'seen' (every class so far) or 'current' (the task's)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 1 <= self.prompt_tokens <= 64 or self.contrastive_weight < 0:
-            raise ClipclError("tppt needs 1 <= prompt_tokens <= 64 and contrastive_weight >= 0")
-        if self.ce_classes not in ("seen", "current"):
-            raise ClipclError(f"tppt's ce_classes must be 'seen' or 'current', not {self.ce_classes!r}")
-        if "{}" not in self.template:
-            raise ClipclError("tppt's template needs a {} where the class name goes")
+            raise ClipclError("needs 1 <= prompt_tokens <= 64 and contrastive_weight >= 0")
 
 
 @dataclass
-class TPPTVTConfig(TPPTConfig):
+class TPPTVTConfig(TPPTConfig, PromptContextConfig):
     """tppt-vt's options: tppt-v's, the shared text context, and the diversity regulariser."""
 
     context_tokens: int = field(default=4, metadata={"help": "learnable text context tokens shared by all classes"})
-    context_init: str = field(default="a photo of a", metadata={"help": "phrase whose embedding starts the context"})
     diversity_weight: float = field(default=1.0, metadata={"help": "weight of the relational diversity term"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 1 <= self.context_tokens <= 32 or self.diversity_weight < 0:
-            raise ClipclError("tppt-vt needs 1 <= context_tokens <= 32 and diversity_weight >= 0")
-
-
-class DeepVisualPrompts(nn.Module):
-    """``[blocks, n, width]`` prompt tokens and one gate per block, attached to a ViT image tower."""
-
-    def __init__(self, backbone: Backbone, n_tokens: int) -> None:
-        super().__init__()
-        visual = backbone.model.visual
-        blocks, _ = vision_blocks(visual, backbone.spec.name)
-        width = blocks[0].ln_1.normalized_shape[0]
-        device = next(visual.parameters()).device
-        self.tokens = nn.Parameter(torch.randn(len(blocks), n_tokens, width, device=device) * 0.02)
-        self.gates = nn.Parameter(torch.zeros(len(blocks), device=device))
-        attach_deep_prompts(visual, backbone.spec.name, self.tokens, self.gates)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {TOKENS_KEY: self.tokens.detach().clone(), GATES_KEY: self.gates.detach().clone()}
-
-    @torch.no_grad()
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        if tensors[TOKENS_KEY].shape != self.tokens.shape:
-            raise ValueError(f"stored visual prompts have shape {tuple(tensors[TOKENS_KEY].shape)}, "
-                             f"this model needs {tuple(self.tokens.shape)}")
-        self.tokens.copy_(tensors[TOKENS_KEY])
-        self.gates.copy_(tensors[GATES_KEY])
+        if self.diversity_weight < 0:
+            raise ClipclError("needs diversity_weight >= 0")
 
 
 def relational_diversity(anchors: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
@@ -124,20 +97,14 @@ class TPPTV(Method):
         super().__init__(backbone, config)
         self.visual_prompts = DeepVisualPrompts(backbone, config.prompt_tokens)
         self.start: dict[str, torch.Tensor] = {}  # the prompts before the current task, to measure its change
-        self.text_features: torch.Tensor | None = None  # every class's anchors for inference; reset on change
         self.anchors = TextAnchors(backbone, config.template)
 
-    def _add(self, task: TaskInfo) -> None:
-        self.tasks.append(task)
-        self.text_features = None
-        self.anchors.add(task)
-
     def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
-        self._add(task)
+        self.anchors.add(task)
         self.visual_prompts.load(tensors)
 
     def begin_task(self, task: TaskInfo) -> None:
-        self._add(task)
+        self.anchors.add(task)
         self.start = self.visual_prompts.tensors()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -160,12 +127,7 @@ class TPPTV(Method):
         """An extra loss term on the classes' text side (tppt-vt's diversity); none for tppt-v."""
         return 0.0
 
-    def end_task(self, task: TaskInfo, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.text_features = None
-
-    def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
-        if task != self.tasks[-1]:
-            raise ValueError(f"{self.name} stores the prompts of the newest task only")
+    def task_tensors(self) -> dict[str, torch.Tensor]:
         return self.visual_prompts.tensors()
 
     def task_metadata(self, task: TaskInfo) -> dict[str, Any]:
@@ -178,9 +140,7 @@ class TPPTV(Method):
 
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        if self.text_features is None:
-            self.text_features = self.class_text().float()
-        return clip_probabilities(self.backbone, images, self.text_features)
+        return clip_probabilities(self.backbone, images, self.inference_text(self.class_text))
 
 
 @register_method
@@ -214,5 +174,5 @@ class TPPTVT(TPPTV):
         initial = self.anchors.of(self.tasks)
         return self.config.diversity_weight * relational_diversity(text, initial)
 
-    def task_tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
-        return {**super().task_tensors(task), **self.text_prompt.tensors(task)}
+    def task_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().task_tensors(), **self.text_prompt.tensors(self.tasks[-1])}

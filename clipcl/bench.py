@@ -82,6 +82,10 @@ class MethodResult:
     task_id_accuracy: float | None = None
     encoder_passes_per_image: float | None = None  # in the evaluation after the last task
     eval_s: float | None = None  # wall time of the evaluation after the last task
+    # the matrix when each image is answered among its own task's classes only (the task given), and its Last:
+    # beside ``matrix``, it separates a task learned poorly from old and new classes badly calibrated
+    within_task_matrix: list[list[float | None]] | None = None
+    within_task_last: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -204,10 +208,18 @@ def run_incremental(method: str, tasks: Sequence[Path], workspace_dir: Path, mod
     records = [workspace.task_record(t) for t in workspace.tasks]
     matrix, sizes = stored_matrix(records)
     last = records[-1].accuracy
+    within = within_task_matrix(records)
     return MethodResult.from_matrix(method, matrix, sizes, records, started,
                                     task_id_accuracy=last.task_id if last else None,
                                     encoder_passes_per_image=last.encoder_passes_per_image if last else None,
-                                    eval_s=records[-1].timings.eval_s)
+                                    eval_s=records[-1].timings.eval_s, within_task_matrix=within,
+                                    within_task_last=continual_metrics(within, sizes).last if within else None)
+
+
+def within_task_matrix(records: Sequence[TaskRecord]) -> list[list[float | None]] | None:
+    """The stored task-given accuracy matrix, or ``None`` when a record predates it or was added with --no-eval."""
+    rows = [record.accuracy.within_task if record.accuracy is not None else None for record in records]
+    return None if any(row is None for row in rows) else [list(row) for row in rows]
 
 
 def _link_joint_folder(tasks: Sequence[Path], target: Path) -> list[list[str]]:

@@ -528,14 +528,15 @@ def bench(
                             out_file)
     table = Table(title=f"{Path(results['split']).name}: {len(results['tasks'])} tasks, model {model}, "
                         f"evaluated on {results['evaluated_on']}")
-    for column in ("method", "Avg", "Last", "Forgetting", "BWT", "task-id", "passes/img", "train time",
-                   "train img/s", "last eval"):
+    for column in ("method", "Avg", "Last", "Forgetting", "BWT", "task given", "task-id", "passes/img",
+                   "train time", "train img/s", "last eval"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in results["methods"]:
         passes = row.get("encoder_passes_per_image")
         table.add_row(row["method"], _metric(row["avg"]), _metric(row["last"]), _metric(row["forgetting"]),
-                      _metric(row["bwt"], signed=True), _metric(row.get("task_id_accuracy")),
-                      "-" if passes is None else f"{passes:.2f}", f"{row['train_s']:.1f}s",
+                      _metric(row["bwt"], signed=True), _metric(row.get("within_task_last")),
+                      _metric(row.get("task_id_accuracy")), "-" if passes is None else f"{passes:.2f}",
+                      f"{row['train_s']:.1f}s",
                       "-" if row["train_images_per_s"] is None else f"{row['train_images_per_s']:.1f}",
                       "-" if row.get("eval_s") is None else f"{row['eval_s']:.1f}s")
     out().print(table)

@@ -38,7 +38,7 @@ from .data import ImageDataset, TaskData, scan_task_folder
 from .errors import ClipclError, DataError, WorkspaceError
 from .evaluation import evaluate_tasks, heldout_dataset
 from .failpoints import failpoint
-from .methods import Method, TaskInfo, get_method_class
+from .methods import Method, TaskInfo, build_config, get_method_class
 from .reading import DEFAULT_MAX_IMAGE_BYTES, MIB
 from .records import RunIdentity, TaskAccuracy, TaskCounts, TaskRecord, TaskSource, TaskTimings, TrainingSettings
 from .runtime import (
@@ -214,7 +214,9 @@ def prepare_task(plan: RunPlan, accelerator: Any, progress: Progress) -> Prepare
     method_class = get_method_class(workspace.method_name)
     if options.epochs_stage2 is not None and len(method_class.stages) < 2:
         raise ClipclError(f"method {method_class.name} trains in one stage: drop --epochs-stage2")
-    epochs = method_class.default_epochs if options.epochs is None else options.epochs
+    default_epochs, default_lr = method_class.default_training(build_config(method_class,
+                                                                            stored=workspace.method_config))
+    epochs = default_epochs if options.epochs is None else options.epochs
     later_epochs = epochs if options.epochs_stage2 is None else options.epochs_stage2
     task = TaskInfo(index=workspace.next_task_index(), classes=tuple(data.classes), offset=len(workspace.classes))
     identity = RunIdentity(task.index, name, str(data.root), data.fingerprint, workspace.method_name,
@@ -233,7 +235,7 @@ def prepare_task(plan: RunPlan, accelerator: Any, progress: Progress) -> Prepare
         elif interrupted is not None:
             progress.warn(f"starting over: the checkpoint of the interrupted add-task of {interrupted.run.folder} "
                           "will be replaced (use --resume to continue it instead)")
-    return PreparedTask(plan, data, task, name, epochs, options.lr or method_class.default_lr,
+    return PreparedTask(plan, data, task, name, epochs, options.lr or default_lr,
                         [epochs] + [later_epochs] * (len(method_class.stages) - 1), identity, checkpoint,
                         scan_seconds)
 
@@ -346,7 +348,7 @@ def evaluate_after_task(prepared: PreparedTask, method: Method, record: TaskReco
                                     prepared.max_image_bytes) if data.test else None))
     result = evaluate_tasks(method, sets, accelerator, options.batch_size, options.workers, progress)
     record.accuracy = TaskAccuracy(result.per_task[-1], result.accuracy, result.per_task, result.task_id_accuracy,
-                                   result.encoder_passes_per_image)
+                                   result.encoder_passes_per_image, result.within_task_per_task)
     record.timings.eval_s = round(time.perf_counter() - started, 3)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ class DatasetPrediction:
 @torch.no_grad()
 def predict_dataset(method: Method, dataset: torch.utils.data.Dataset, accelerator: Any, batch_size: int,
                     workers: int, progress: Progress | None = None, route: Route = None) -> DatasetPrediction:
-    """Predict every image of ``dataset`` with ``method`` (gathered across processes)."""
+    """Predict every image of ``dataset`` with ``method`` (gathered across processes), in inference mode."""
+    method.eval()
     loader = accelerator.prepare(make_loader(dataset, batch_size, workers))
     probs, labels, task_scores, passes = [], [], [], []
     for images, batch_labels in loader:
@@ -76,6 +77,9 @@ class Evaluation:
     ``task_id_*`` is the share of images whose best-scored task is their own, for methods that route by task
     (``None`` otherwise). A task whose held-out images are gone has ``None`` and 0 images.
     ``encoder_passes_per_image``: image-encoder passes per evaluated image (1 for single-pass methods).
+    ``within_task_per_task``: each task's accuracy when the answer is restricted to that task's own classes (the
+    task given). Beside ``per_task`` it tells a method that learns a task poorly (both low) from one whose old and new
+    classes are badly calibrated against each other (high within, low among all).
     """
 
     per_task: list[float | None]
@@ -84,6 +88,7 @@ class Evaluation:
     task_id_per_task: list[float | None]
     task_id_accuracy: float | None
     encoder_passes_per_image: float | None = None
+    within_task_per_task: list[float | None] = field(default_factory=list)
 
 
 def _share(hits: int, total: int) -> float | None:
@@ -96,6 +101,7 @@ def evaluate_tasks(method: Method, sets: Sequence[tuple[TaskInfo, ImageDataset |
     per_task: list[float | None] = []
     images: list[int] = []
     task_id: list[float | None] = []
+    within: list[float | None] = []
     correct_total = count_total = routed_total = 0
     passes_total = 0.0
     total_batches = sum(math.ceil(len(ds) / batch_size) for _, ds in sets if ds is not None)
@@ -107,11 +113,14 @@ def evaluate_tasks(method: Method, sets: Sequence[tuple[TaskInfo, ImageDataset |
             per_task.append(None)
             images.append(0)
             task_id.append(None)
+            within.append(None)
             continue
         result = predict_dataset(method, dataset, accelerator, batch_size, workers, progress, route)
         labels = result.labels
         correct = int((result.probs.argmax(dim=1) == labels).sum())
         per_task.append(_share(correct, len(labels)))
+        own_classes = result.probs[:, task.class_slice].argmax(dim=1) + task.offset
+        within.append(_share(int((own_classes == labels).sum()), len(labels)))
         images.append(len(labels))
         correct_total += correct
         count_total += len(labels)
@@ -126,4 +135,4 @@ def evaluate_tasks(method: Method, sets: Sequence[tuple[TaskInfo, ImageDataset |
     routes = any(value is not None for value in task_id)
     return Evaluation(per_task, images, _share(correct_total, count_total), task_id,
                       _share(routed_total, count_total) if routes else None,
-                      passes_total / count_total if count_total else None)
+                      passes_total / count_total if count_total else None, within)

@@ -84,6 +84,7 @@ class TaskAccuracy:
     per_task: list[float | None]
     task_id: float | None = None  # share of images routed to their own task (methods that route)
     encoder_passes_per_image: float | None = None
+    within_task: list[float | None] | None = None  # per task, answering among its own classes (None: older record)
 
 
 @dataclass

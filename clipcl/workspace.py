@@ -230,7 +230,7 @@ class Workspace:
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise WorkspaceError(f"stored tensors of task {task.info.index} do not fit method "
                                      f"{self.method_name}: {exc}") from exc
-        return method
+        return method.eval()  # inference mode (no dropout, no routing noise) until the engine trains it
 
     def check_base_weights(self, fingerprint: str) -> None:
         """Refuse a base model whose weights differ from those the stored adapters were trained on (the fingerprint

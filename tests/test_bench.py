@@ -53,6 +53,14 @@ def test_bench_compares_methods_and_writes_json(split: Path, tmp_path: Path, tin
     assert all(row["encoder_passes_per_image"] == 1 and row["eval_s"] > 0 for row in rows.values())
     assert rows["finetune"]["train_images_per_s"] > 0
     assert rows["ncm"]["last"] >= 0.9  # distinct colours, class means of any features
+    # answering among the image's own task's classes can only help, and a one-task row is the same either way
+    for name in ("ncm", "zeroshot", "finetune"):
+        within, matrix = rows[name]["within_task_matrix"], rows[name]["matrix"]
+        assert [len(r) for r in within] == [1, 2] and within[0] == matrix[0]
+        pairs = [pair for rows_ in zip(within, matrix, strict=True) for pair in zip(*rows_, strict=True)]
+        assert all(w >= a for w, a in pairs)
+        assert rows[name]["within_task_last"] >= rows[name]["last"]
+    assert "task given" in result.stdout and rows["joint"]["within_task_matrix"] is None
     # the matrix of each method is the one its kept workspace stored; joint's last row is its plain evaluation
     ncm = Workspace.open(kept / "ncm")
     assert rows["ncm"]["matrix"] == [ncm.task_record(t).accuracy.per_task for t in ncm.tasks]

@@ -80,22 +80,27 @@ def test_cma_learns_freezes_experts_and_keeps_them_frozen(tmp_path: Path, tiny_c
     assert records[1].accuracy.per_task[1] >= 0.5  # the new task among four classes (chance 0.25)
     one, two = (workspace.task_tensors(t) for t in workspace.tasks)
     frozen_after_one = one["moe.frozen"]
-    assert frozen_after_one.sum(dim=1).tolist() == [1]  # one expert per adapted block (the tiny model has one)
+    assert frozen_after_one.sum(dim=1).tolist() == [1, 1]  # one expert per adapted block (every block of two)
     assert (two["moe.frozen"] >= frozen_after_one).all()
-    # the experts frozen after task 1 are bit-identical after task 2; free ones that task 2 routed to (and the
-    # router) moved
-    unchanged = []
-    for expert in range(4):
-        keys = [f"moe.layers.0.{part}.{expert}" for part in ("down", "down_bias", "up", "up_bias")]
-        unchanged.append(all(torch.equal(one[k], two[k]) for k in keys))
-    frozen_experts = frozen_after_one[0].tolist()
-    assert all(same for same, frozen in zip(unchanged, frozen_experts, strict=True) if frozen)
-    assert not all(same for same, frozen in zip(unchanged, frozen_experts, strict=True) if not frozen)
-    assert not torch.equal(one["moe.layers.0.router.weight"], two["moe.layers.0.router.weight"])
+    # the experts frozen after task 1, and their router rows, are bit-identical after task 2; free ones that task 2
+    # routed to, and their rows, moved
+    for layer in range(2):
+        frozen = frozen_after_one[layer].tolist()
+        same_expert, same_row = [], []
+        for expert in range(4):
+            keys = [f"moe.layers.{layer}.{part}.{expert}" for part in ("down", "down_bias", "up", "up_bias")]
+            same_expert.append(all(torch.equal(one[k], two[k]) for k in keys))
+            same_row.append(all(torch.equal(one[f"moe.layers.{layer}.{part}"][expert],
+                                            two[f"moe.layers.{layer}.{part}"][expert])
+                                for part in ("router.weight", "router.bias", "noise.weight")))
+        assert all(same for same, f in zip(same_expert, frozen, strict=True) if f)
+        assert all(same for same, f in zip(same_row, frozen, strict=True) if f)
+        assert not all(same for same, f in zip(same_expert, frozen, strict=True) if not f)
+        assert not all(same for same, f in zip(same_row, frozen, strict=True) if not f)
     recorded = records[0].method["frozen_experts"]
-    assert recorded == {"block 1": torch.nonzero(frozen_after_one[0]).flatten().tolist()}
+    assert recorded == {f"block {b}": torch.nonzero(frozen_after_one[b]).flatten().tolist() for b in range(2)}
     table = invoke(runner, "tasks", "-w", ws, env={"COLUMNS": "220"})
-    assert "frozen experts: block 1" in table.stdout
+    assert "frozen experts: block 0" in table.stdout
 
     # restoring tasks 1..2 from the workspace reproduces the stored evaluation exactly
     report = invoke(runner, "eval", "-w", ws, "--json")
@@ -106,9 +111,97 @@ def test_cma_learns_freezes_experts_and_keeps_them_frozen(tmp_path: Path, tiny_c
 
 
 def test_bad_cma_options_are_one_line_errors(tmp_path: Path, tiny_config: Path, tiny_weights: Path, runner) -> None:
-    for option in ("top_k=9", "freeze_per_task=-1", "kd_temperature=0", "template=no-slot"):
+    for option in ("top_k=23", "freeze_per_task=-1", "kd_temperature=0", "template=no-slot", "calibration=bias",
+                   "router_input=text", "dropout=1", "blocks=-2", "freeze_by=age"):
         result = invoke(runner, "init", "-w", tmp_path / option, "--model", tiny_config, "--pretrained",
                         tiny_weights, "--method", "cma", "--set", option)
         assert result.exit_code != 0
         assert "cma" in result.output and "Traceback" not in result.output
         assert not (tmp_path / option).exists()
+
+
+def test_router_rows_store_in_the_linear_layout_and_load_back(tiny_config: Path, tiny_weights: Path) -> None:
+    method, _ = _cma(tiny_config, tiny_weights, experts="3", router_noise="false")
+    layer = method.adapters.layers[0]
+    state = layer.state_dict()
+    width = layer.down[0].shape[0]
+    assert state["router.weight"].shape == (3, width) and state["router.bias"].shape == (3,)
+    assert not any(key.startswith("router.weight_") for key in state)  # rows are parameters, not stored keys
+    assert "noise.weight" not in state
+    changed = {key: value + 1 if key.startswith("router.") else value for key, value in state.items()}
+    layer.load_state_dict(changed)
+    torch.testing.assert_close(layer.router.weight(), state["router.weight"] + 1)
+    with pytest.raises(RuntimeError, match="router.weight"):
+        layer.load_state_dict({**changed, "router.weight": torch.zeros(4, width)})
+
+
+def test_workspaces_made_before_the_recipe_keep_training_as_they_started(tiny_config: Path) -> None:
+    method_class = get_method_class("cma")
+    fresh = build_config(method_class)
+    assert method_class.default_training(fresh) == (1, 1e-3)
+    assert (fresh.adapter_input, fresh.router_input, fresh.calibration, fresh.blocks) == \
+        ("residual", "image", "ce", -1)
+    # a stored config from before the options existed: every new option takes the old behaviour, and 5 epochs
+    stored = {"blocks": 0, "experts": 8, "top_k": 2, "width": 64, "freeze_per_task": 2, "kd_weight": 1.0,
+              "kd_temperature": 2.0, "align_weight": 0.5, "relation_weight": 1.0, "class_prompts": True,
+              "template": "a photo of a {}.", "context_tokens": 8, "context_init": "a photo of a",
+              "ce_classes": "current"}
+    legacy = build_config(method_class, stored=stored)
+    assert (legacy.adapter_input, legacy.scale, legacy.dropout, legacy.router_input, legacy.router_noise,
+            legacy.freeze_router_rows, legacy.freeze_by, legacy.calibration) == \
+        ("normalized", 1.0, 0.0, "image+text", False, False, "weight", "none")
+    assert method_class.default_training(legacy) == (5, 1e-3)
+
+
+def _two_task_method(tiny_config: Path, tiny_weights: Path, **options: str):
+    """A cma method after task 1 (trained a little, statistics kept) and begun on task 2."""
+    torch.manual_seed(0)
+    method, _ = _cma(tiny_config, tiny_weights, experts="4", freeze_per_task="1", **options)
+    first, second = TaskInfo(1, ("red", "green"), 0), TaskInfo(2, ("blue", "white"), 2)
+    images = torch.rand(8, 3, 32, 32)
+    method.begin(first)
+    with torch.no_grad():
+        for layer in method.adapters.layers:
+            for up in layer.up:
+                up.normal_(0, 0.1)
+    method.finish([(images, torch.tensor([0, 1] * 4))])
+    method.begin(second)
+    return method, second, images
+
+
+def test_ce_calibration_moves_only_new_columns_through_the_image(tiny_config: Path, tiny_weights: Path) -> None:
+    """Old-class columns see detached image features: the loss's gradient on the features comes from the new
+    classes only, so the same batch gives the adapters a different gradient than plain all-class cross-entropy."""
+    grads = {}
+    for calibration in ("ce", "none"):
+        method, _, images = _two_task_method(tiny_config, tiny_weights, calibration=calibration, ce_classes="seen",
+                                             kd_weight="0", align_weight="0", relation_weight="0")
+        method.train()
+        params = method.trainable_parameters()
+        loss = method(images, torch.tensor([2, 3, 2, 3, 0, 1, 2, 3]))
+        grads[calibration] = torch.autograd.grad(loss, params, allow_unused=True)
+        # the new task's context gets a gradient either way
+        assert grads[calibration][-1] is not None and grads[calibration][-1].abs().sum() > 0
+    differs = [a is not None and b is not None and not torch.allclose(a, b)
+               for a, b in zip(grads["ce"], grads["none"], strict=True)]
+    assert any(differs)
+
+
+def test_replay_calibration_trains_only_the_new_prompts(tiny_config: Path, tiny_weights: Path) -> None:
+    method, second, images = _two_task_method(tiny_config, tiny_weights, calibration="replay", replay_steps="20",
+                                              replay_lr="1e-2")
+    assert set(method.bank.classes) == {0, 1}  # task 1's statistics were kept
+    adapters_before = {k: v.clone() for k, v in method.adapters.state_dict().items() if not k.endswith("frozen")}
+    old_context = method.prompts.context(method.tasks[0]).detach().clone()
+    old_text = method.prompts.cached(method.tasks[0]).clone()
+    new_context = method.prompts.context(second).detach().clone()
+    method.finish([(images, torch.tensor([2, 3] * 4))])
+    after = method.adapters.state_dict()
+    assert all(torch.equal(value, after[key]) for key, value in adapters_before.items())  # adapters: untouched
+    assert torch.equal(method.prompts.context(method.tasks[0]), old_context)
+    assert torch.equal(method.prompts.cached(method.tasks[0]), old_text)
+    assert not torch.equal(method.prompts.context(second), new_context)  # the new prompts learned
+    assert "replay_loss" in method.task_metadata(second)
+    assert set(method.bank.classes) == {0, 1, 2, 3}
+    stored = method.task_tensors()
+    assert stored["stats.classes"].tolist() == [2, 3]  # each task stores its own classes' statistics only

@@ -178,6 +178,12 @@ class Method(PerTaskBuffers, ABC):
     # options that only change how stored tasks are used, so `eval` and `predict` may override them (--set)
     inference_options: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def default_training(cls, config: MethodConfig) -> tuple[int, float]:
+        """Epochs a task and peak learning rate when ``add-task`` is given none, for a workspace with ``config``: a
+        method whose recipe changed keeps an older workspace training the way it started."""
+        return cls.default_epochs, cls.default_lr
+
     def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
         super().__init__()
         self.backbone = backbone

@@ -99,6 +99,14 @@ class EvalReport:
     metrics: ContinualMetrics
     is_main_process: bool = True
 
+    @property
+    def within_task_accuracy(self) -> float | None:
+        """Accuracy over every evaluated image when each is answered among its own task's classes (the task given)."""
+        pairs = [(share, n) for share, n in zip(self.evaluation.within_task_per_task, self.evaluation.images,
+                                                strict=True) if share is not None]
+        total = sum(n for _, n in pairs)
+        return sum(share * n for share, n in pairs) / total if total else None
+
     def to_json(self) -> dict[str, Any]:
         ev = self.evaluation
         return {
@@ -107,10 +115,12 @@ class EvalReport:
             "route": self.route,
             "per_task": [
                 {"task": t.info.index, "name": t.name, "classes": list(t.info.classes), "images": n,
-                 "accuracy": acc, "task_id_accuracy": tid}
-                for t, acc, n, tid in zip(self.tasks, ev.per_task, ev.images, ev.task_id_per_task, strict=True)
+                 "accuracy": acc, "within_task_accuracy": within, "task_id_accuracy": tid}
+                for t, acc, n, within, tid in zip(self.tasks, ev.per_task, ev.images, ev.within_task_per_task,
+                                                  ev.task_id_per_task, strict=True)
             ],
             "accuracy": ev.accuracy,
+            "within_task_accuracy": self.within_task_accuracy,
             "task_id_accuracy": ev.task_id_accuracy,
             "encoder_passes_per_image": ev.encoder_passes_per_image,
             "matrix": self.matrix,

@@ -10,6 +10,7 @@ from conftest import invoke, learn_two_tasks
 
 from clipcl import Workspace
 from clipcl.backbone import load_backbone, resolve_model_spec
+from clipcl.errors import ClipclError
 from clipcl.methods import TaskInfo, build_config, get_method_class
 from clipcl.methods.losses import distillation, relation_preservation, symmetric_image_text_contrastive
 
@@ -23,7 +24,8 @@ def _cma(tiny_config: Path, tiny_weights: Path, **options: str):
 
 
 def test_zero_initialised_adapters_compute_the_frozen_model(tiny_config: Path, tiny_weights: Path) -> None:
-    method, _ = _cma(tiny_config, tiny_weights, blocks="2", class_prompts="false")
+    method, _ = _cma(tiny_config, tiny_weights, blocks="2", class_prompts="false", calibration="none",
+                     classifier="text")
     frozen = load_backbone(resolve_model_spec(str(tiny_config), str(tiny_weights)), tiny_config.parent)
     task = TaskInfo(1, ("red", "green", "blue"), 0)
     method.begin(task)
@@ -139,8 +141,8 @@ def test_workspaces_made_before_the_recipe_keep_training_as_they_started(tiny_co
     method_class = get_method_class("cma")
     fresh = build_config(method_class)
     assert method_class.default_training(fresh) == (1, 1e-3)
-    assert (fresh.adapter_input, fresh.router_input, fresh.calibration, fresh.blocks) == \
-        ("residual", "image", "ce", -1)
+    assert (fresh.adapter_input, fresh.router_input, fresh.calibration, fresh.classifier, fresh.blocks) == \
+        ("residual", "image", "replay", "gaussian", -1)
     # a stored config from before the options existed: every new option takes the old behaviour, and 5 epochs
     stored = {"blocks": 0, "experts": 8, "top_k": 2, "width": 64, "freeze_per_task": 2, "kd_weight": 1.0,
               "kd_temperature": 2.0, "align_weight": 0.5, "relation_weight": 1.0, "class_prompts": True,
@@ -148,8 +150,8 @@ def test_workspaces_made_before_the_recipe_keep_training_as_they_started(tiny_co
               "ce_classes": "current"}
     legacy = build_config(method_class, stored=stored)
     assert (legacy.adapter_input, legacy.scale, legacy.dropout, legacy.router_input, legacy.router_noise,
-            legacy.freeze_router_rows, legacy.freeze_by, legacy.calibration) == \
-        ("normalized", 1.0, 0.0, "image+text", False, False, "weight", "none")
+            legacy.freeze_router_rows, legacy.freeze_by, legacy.calibration, legacy.classifier) == \
+        ("normalized", 1.0, 0.0, "image+text", False, False, "weight", "none", "text")
     assert method_class.default_training(legacy) == (5, 1e-3)
 
 
@@ -205,3 +207,29 @@ def test_replay_calibration_trains_only_the_new_prompts(tiny_config: Path, tiny_
     assert set(method.bank.classes) == {0, 1, 2, 3}
     stored = method.task_tensors()
     assert stored["stats.classes"].tolist() == [2, 3]  # each task stores its own classes' statistics only
+
+
+def test_gaussian_classifier_scores_classes_by_their_kept_statistics(tiny_config: Path, tiny_weights: Path) -> None:
+    method, _, images = _two_task_method(tiny_config, tiny_weights, classifier="gaussian")
+    method.finish([(images, torch.tensor([2, 3] * 4))])
+    method.eval()
+    assert method.task_tensors()["stats.classes"].tolist() == [2, 3]  # kept without replay, for the classifier
+    probs = method.predict_proba(images)
+    assert probs.shape == (8, 4)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(8))
+    # a class mean moved onto an image's features wins that image
+    features = method.encode(images[:1]).float()
+    method.bank.classes[1].mean.copy_(features[0])
+    method._gaussian = None
+    assert int(method.predict_proba(images[:1]).argmax()) == 1
+    for name in ("text+gaussian", "text"):
+        method.config.classifier = name
+        torch.testing.assert_close(method.predict_proba(images).sum(dim=1), torch.ones(8))
+
+
+def test_gaussian_classifier_without_kept_statistics_is_a_clear_error(tiny_config: Path, tiny_weights: Path) -> None:
+    method, _, images = _two_task_method(tiny_config, tiny_weights, calibration="none", classifier="text")
+    method.finish([(images, torch.tensor([2, 3] * 4))])
+    method.config.classifier = "gaussian"
+    with pytest.raises(ClipclError, match="class statistics"):
+        method.predict_proba(images)

@@ -58,6 +58,7 @@ from .base import (
     TaskInfo,
     TemplateConfig,
     clip_probabilities,
+    gaussian_log_likelihoods,
     register_method,
 )
 from .components import ClassPrompts, TextAnchors
@@ -68,6 +69,7 @@ FROZEN_KEY = "moe.frozen"
 REPLAY_BATCH = 64  # new-class features per replay step, with as many old-class draws
 REPLAY_SHRINKAGE = 0.1  # of each class covariance toward a scaled identity (dmc's default)
 CALIBRATIONS = ("none", "ce", "replay", "ce+replay")
+CLASSIFIERS = ("text", "gaussian", "text+gaussian")
 ROUTER_INPUTS = ("image", "image+text")
 ADAPTER_INPUTS = ("residual", "normalized")
 FREEZE_BY = ("count", "weight")
@@ -81,6 +83,7 @@ class CMAConfig(TemplateConfig, PromptContextConfig, CrossEntropyClassesConfig):
     stored_defaults: ClassVar[dict[str, Any]] = {
         "adapter_input": "normalized", "scale": 1.0, "dropout": 0.0, "router_input": "image+text",
         "router_noise": False, "freeze_router_rows": False, "freeze_by": "weight", "calibration": "none",
+        "classifier": "text",
     }
 
     blocks: int = field(default=-1, metadata={"help": "top image-encoder blocks that get adapters (-1: every "
@@ -103,10 +106,14 @@ class CMAConfig(TemplateConfig, PromptContextConfig, CrossEntropyClassesConfig):
                                                               "those with most routing weight ('weight')"})
     freeze_router_rows: bool = field(default=True, metadata={"help": "freeze a frozen expert's router row with it, "
                                                                       "so old images keep their routing"})
-    calibration: str = field(default="ce", metadata={
+    calibration: str = field(default="replay", metadata={
         "help": "old/new calibration: 'ce' (cross-entropy over every seen class, image features detached in the "
                 "old-class columns), 'replay' (after training, the new prompts learn against draws of the old "
                 "classes' stored feature statistics), 'ce+replay', or 'none'"})
+    classifier: str = field(default="gaussian", metadata={
+        "help": "how classes are scored: 'text' (each class's prompt), 'gaussian' (a shared-covariance Gaussian "
+                "of each class's adapted features, from the statistics kept after its task) or 'text+gaussian' "
+                "(both log-probabilities added)"})
     replay_steps: int = field(default=100, metadata={"help": "steps of the replay calibration"})
     replay_lr: float = field(default=1e-3, metadata={"help": "learning rate of the replay calibration"})
     kd_weight: float = field(default=1.0, metadata={"help": "weight of distillation from the previous model"})
@@ -127,7 +134,8 @@ class CMAConfig(TemplateConfig, PromptContextConfig, CrossEntropyClassesConfig):
         for option, value, allowed in (("calibration", self.calibration, CALIBRATIONS),
                                        ("router_input", self.router_input, ROUTER_INPUTS),
                                        ("adapter_input", self.adapter_input, ADAPTER_INPUTS),
-                                       ("freeze_by", self.freeze_by, FREEZE_BY)):
+                                       ("freeze_by", self.freeze_by, FREEZE_BY),
+                                       ("classifier", self.classifier, CLASSIFIERS)):
             if value not in allowed:
                 raise ClipclError(f"{option} must be one of {', '.join(allowed)}, not {value!r}")
         if not 0 <= self.dropout < 1 or self.scale <= 0:
@@ -140,6 +148,11 @@ class CMAConfig(TemplateConfig, PromptContextConfig, CrossEntropyClassesConfig):
     @property
     def replays(self) -> bool:
         return "replay" in self.calibration
+
+    @property
+    def keeps_statistics(self) -> bool:
+        """Whether each task stores its classes' feature statistics (for replay, or for the Gaussian classifier)."""
+        return self.replays or self.classifier != "text"
 
 
 class ExpertRows(nn.Module):
@@ -319,6 +332,7 @@ class MixtureOfAdapters(nn.Module):
 class CMA(Method):
     name = "cma"
     config_class = CMAConfig
+    inference_options = ("classifier",)
     default_epochs = 1  # MoE-Adapters' one pass a task; workspaces made before it keep 5 (default_training)
     default_lr = 1e-3
     summary = "mixture of bottleneck adapters routed per image, experts frozen per task, old/new calibration, KD"
@@ -332,7 +346,8 @@ class CMA(Method):
         self.anchors = TextAnchors(backbone, config.template)  # the router's text side, and the classifier without
         self.prompts = ClassPrompts(backbone, config.context_tokens, config.context_init) if config.class_prompts \
             else None
-        self.bank = GaussianBank()  # old classes' feature statistics, for calibration by replay
+        self.bank = GaussianBank()  # each class's feature statistics, for calibration by replay or the classifier
+        self._gaussian: tuple[Any, torch.Tensor, torch.Tensor] | None = None
         self._active: MixtureOfAdapters = self.adapters
         self._text_context: torch.Tensor | None = None
         self._routing: list[torch.Tensor] | None = None  # routing weight (or choices) per expert while recording
@@ -464,9 +479,9 @@ class CMA(Method):
             routing = self._routing
         finally:
             self._routing = None
-        if self.config.replays:
+        if self.config.keeps_statistics:
             features_all, labels_all = torch.cat(features), torch.cat(labels)
-            if task.offset:
+            if task.offset and self.config.replays:
                 self.replay_report = self._calibrate_by_replay(task, features_all, labels_all)
             for c in range(len(task.classes)):
                 mine = features_all[labels_all == task.offset + c]
@@ -513,7 +528,7 @@ class CMA(Method):
         task = self.tasks[-1]
         prompts = self.prompts.tensors(task) if self.prompts is not None else {}
         stats = self.bank.tensors(list(range(task.offset, task.offset + len(task.classes)))) \
-            if self.config.replays else {}
+            if self.config.keeps_statistics else {}
         return {**self.adapters.tensors(), **prompts, **stats}
 
     def task_metadata(self, task: TaskInfo) -> dict[str, Any]:
@@ -532,5 +547,26 @@ class CMA(Method):
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         text = self.inference_text(lambda: self.anchors.of(self.tasks) if self.prompts is None
                                    else self.prompts.features(self.tasks))
-        with self._using(self.adapters, self.tasks):
-            return clip_probabilities(self.backbone, images, text)
+        if self.config.classifier == "text":
+            with self._using(self.adapters, self.tasks):
+                return clip_probabilities(self.backbone, images, text)
+        if len(self.bank.classes) != len(self.classes):
+            raise ClipclError(f"classifier={self.config.classifier} needs the class statistics that tasks keep with "
+                              "calibration=replay or a Gaussian classifier; this workspace's tasks did not keep them")
+        features = self.encode(images).float()
+        means, precision = self._gaussian_classifier()
+        scores = gaussian_log_likelihoods(features, means, precision).float()
+        if self.config.classifier == "text+gaussian":
+            scores = scores.log_softmax(dim=-1) + (self.backbone.logit_scale() * features @ text.T).log_softmax(dim=-1)
+        return scores.softmax(dim=-1)
+
+    def _gaussian_classifier(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every class's stored mean and the precision of the classes' pooled covariance (cached until a task is
+        added)."""
+        key = ("gaussian", len(self.bank.classes))
+        if self._gaussian is None or self._gaussian[0] != key:
+            indices = range(len(self.classes))
+            means = torch.stack([self.bank.classes[c].mean for c in indices]).float()
+            pooled = torch.stack([self.bank.classes[c].cov.double() for c in indices]).mean(dim=0)
+            self._gaussian = (key, means, torch.linalg.inv(pooled))
+        return self._gaussian[1], self._gaussian[2]

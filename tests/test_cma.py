@@ -72,7 +72,7 @@ def test_cma_learns_freezes_experts_and_keeps_them_frozen(tmp_path: Path, tiny_c
                                                          runner) -> None:
     ws = tmp_path / "ws"
     result = invoke(runner, "init", "-w", ws, "--model", tiny_config, "--pretrained", tiny_weights, "--method", "cma",
-                    "--set", "experts=4", "--set", "freeze_per_task=1")
+                    "--set", "experts=4", "--set", "freeze_per_task=1", "--set", "blocks=-1")
     assert result.exit_code == 0, result.output
     learn_two_tasks(runner, ws, tmp_path / "data", *FAST)
 
@@ -142,7 +142,7 @@ def test_workspaces_made_before_the_recipe_keep_training_as_they_started(tiny_co
     fresh = build_config(method_class)
     assert method_class.default_training(fresh) == (1, 1e-3)
     assert (fresh.adapter_input, fresh.router_input, fresh.calibration, fresh.classifier, fresh.blocks) == \
-        ("residual", "image", "replay", "gaussian", -1)
+        ("residual", "image", "replay", "gaussian", 0)
     # a stored config from before the options existed: every new option takes the old behaviour, and 5 epochs
     stored = {"blocks": 0, "experts": 8, "top_k": 2, "width": 64, "freeze_per_task": 2, "kd_weight": 1.0,
               "kd_temperature": 2.0, "align_weight": 0.5, "relation_weight": 1.0, "class_prompts": True,

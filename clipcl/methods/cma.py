@@ -3,7 +3,8 @@ built on the MoE-Adapters recipe (Yu et al., CVPR 2024); docs/methods.md says wh
 
 A mixture of ``experts`` bottleneck adapters (down to ``width``, ReLU, dropout, up, times ``scale``; up-projection
 and biases start at zero, so untrained adapters compute exactly the frozen image encoder) sits beside the MLP of
-every image-encoder block (``blocks``), reading the block's residual stream (``adapter_input``). Per block a router
+the upper half of the image-encoder blocks (``blocks``; MoE-Adapters adapts every block, which forgot more on
+validation), reading the block's residual stream (``adapter_input``). Per block a router
 scores the experts from the image's class token (``router_input=image``; ``image+text`` also reads the mean text of
 every seen class, a constant that moves whenever a task is added and so re-routes old images); in training its
 scores get Shazeer's learned Gaussian noise (``router_noise``; router and noise weights start at zero). Each image
@@ -86,8 +87,8 @@ class CMAConfig(TemplateConfig, PromptContextConfig, CrossEntropyClassesConfig):
         "classifier": "text",
     }
 
-    blocks: int = field(default=-1, metadata={"help": "top image-encoder blocks that get adapters (-1: every "
-                                                      "block, 0: the upper half)"})
+    blocks: int = field(default=0, metadata={"help": "top image-encoder blocks that get adapters (0: the upper "
+                                                     "half, -1: every block)"})
     experts: int = field(default=22, metadata={"help": "bottleneck adapters (experts) per adapted block"})
     top_k: int = field(default=2, metadata={"help": "experts each image uses per block"})
     width: int = field(default=64, metadata={"help": "bottleneck width of each expert"})

@@ -207,6 +207,8 @@ def test_replay_calibration_trains_only_the_new_prompts(tiny_config: Path, tiny_
     assert set(method.bank.classes) == {0, 1, 2, 3}
     stored = method.task_tensors()
     assert stored["stats.classes"].tolist() == [2, 3]  # each task stores its own classes' statistics only
+    # what the evaluation after the task uses is what a later load restores (half precision)
+    assert torch.equal(method.bank.classes[2].mean, stored["stats.mean"][0].float())
 
 
 def test_gaussian_classifier_scores_classes_by_their_kept_statistics(tiny_config: Path, tiny_weights: Path) -> None:

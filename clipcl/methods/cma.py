@@ -487,6 +487,8 @@ class CMA(Method):
             for c in range(len(task.classes)):
                 mine = features_all[labels_all == task.offset + c]
                 self.bank.set(task.offset + c, estimate(mine, "full", REPLAY_SHRINKAGE))
+            # as stored (half precision): the evaluation after this task sees what a later load restores
+            self.bank.load(self.bank.tensors(list(range(task.offset, task.offset + len(task.classes)))), self.device)
         if self.prompts is not None:
             self.prompts.freeze(task)
         self.newly_frozen = {}

@@ -219,7 +219,9 @@ def run_incremental(method: str, tasks: Sequence[Path], workspace_dir: Path, mod
 def within_task_matrix(records: Sequence[TaskRecord]) -> list[list[float | None]] | None:
     """The stored task-given accuracy matrix, or ``None`` when a record predates it or was added with --no-eval."""
     rows = [record.accuracy.within_task if record.accuracy is not None else None for record in records]
-    return None if any(row is None for row in rows) else [list(row) for row in rows]
+    if any(row is None for row in rows) or all(value is None for row in rows for value in row):
+        return None  # not measured: older records, --no-eval, or a method that routes by task
+    return [list(row) for row in rows]
 
 
 def _link_joint_folder(tasks: Sequence[Path], target: Path) -> list[list[str]]:

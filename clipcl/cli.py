@@ -456,16 +456,15 @@ def eval_command(
     route_text = f", route {report.route}" if report.route is not None else ""
     table = Table(title=f"held-out accuracy now ({len(report.workspace.classes)} classes{route_text})")
     for column, justify in (("task", "right"), ("name", "left"), ("classes", "right"), ("images", "right"),
-                            ("accuracy", "right"), ("task given", "right"),
-                            *((("task-id", "right"),) if routed else ())):
+                            ("accuracy", "right"), (("task-id", "right") if routed else ("task given", "right"))):
         table.add_column(column, justify=justify)
     for task, acc, n, within, tid in zip(report.tasks, ev.per_task, ev.images, ev.within_task_per_task,
                                          ev.task_id_per_task, strict=True):
         table.add_row(str(task.info.index), escape(task.name), str(len(task.info.classes)), str(n), _percent(acc),
-                      _percent(within), *((_percent(tid),) if routed else ()))
+                      _percent(tid if routed else within))
     table.add_row("all", "", str(sum(len(t.info.classes) for t in report.tasks)), str(sum(ev.images)),
-                  _percent(ev.accuracy), _percent(report.within_task_accuracy),
-                  *((_percent(ev.task_id_accuracy),) if routed else ()), style="bold")
+                  _percent(ev.accuracy), _percent(ev.task_id_accuracy if routed else report.within_task_accuracy),
+                  style="bold")
     out().print(table)
     matrix = Table(title="stored accuracy matrix (%)", caption="row: after task i; column: task j")
     matrix.add_column("after", justify="right")

@@ -79,7 +79,8 @@ class Evaluation:
     ``encoder_passes_per_image``: image-encoder passes per evaluated image (1 for single-pass methods).
     ``within_task_per_task``: each task's accuracy when the answer is restricted to that task's own classes (the
     task given). Beside ``per_task`` it tells a method that learns a task poorly (both low) from one whose old and new
-    classes are badly calibrated against each other (high within, low among all).
+    classes are badly calibrated against each other (high within, low among all). ``None`` for methods that route by
+    task, whose answer has no scores for the tasks it did not run (their task-id accuracy tells the same story).
     """
 
     per_task: list[float | None]
@@ -119,8 +120,11 @@ def evaluate_tasks(method: Method, sets: Sequence[tuple[TaskInfo, ImageDataset |
         labels = result.labels
         correct = int((result.probs.argmax(dim=1) == labels).sum())
         per_task.append(_share(correct, len(labels)))
-        own_classes = result.probs[:, task.class_slice].argmax(dim=1) + task.offset
-        within.append(_share(int((own_classes == labels).sum()), len(labels)))
+        if result.task_scores is None:
+            own_classes = result.probs[:, task.class_slice].argmax(dim=1) + task.offset
+            within.append(_share(int((own_classes == labels).sum()), len(labels)))
+        else:  # a routed answer has no scores for tasks it did not run: its task-id accuracy says this instead
+            within.append(None)
         images.append(len(labels))
         correct_total += correct
         count_total += len(labels)

@@ -31,6 +31,13 @@ def test_ncm_learns_without_training_and_keeps_old_tasks(tmp_path: Path, tiny_co
     assert details["training"]["steps"] == 0
     assert details["accuracy"]["all"] >= 0.9  # distinct colours are easy for class means, even on random features
     assert (ws / "tasks/task-001/tensors.safetensors").read_bytes() == first
+    # eval reproduces the stored task-given accuracy, which is never below the accuracy among all classes
+    report = json.loads(invoke(runner, "eval", "-w", ws, "--json").stdout)
+    assert [t["within_task_accuracy"] for t in report["per_task"]] == details["accuracy"]["within_task"]
+    assert all(t["within_task_accuracy"] >= t["accuracy"] for t in report["per_task"])
+    assert report["within_task_accuracy"] >= report["accuracy"]
+    table = invoke(runner, "eval", "-w", ws, env={"COLUMNS": "160"})
+    assert "task given" in table.stdout and "task-id" not in table.stdout
 
 
 def test_zeroshot_scores_are_clip_zero_shot_probabilities(tmp_path: Path, tiny_config: Path, tiny_weights: Path,

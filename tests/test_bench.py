@@ -111,6 +111,9 @@ def test_bench_runs_dma_through_the_same_engine(split: Path, tmp_path: Path, tin
     report = json.loads(invoke(runner, "eval", "-w", kept / "dma", "--json", "--batch-size", "8").stdout)
     assert row["task_id_accuracy"] == pytest.approx(report["task_id_accuracy"])
     assert row["matrix"][-1] == [t["accuracy"] for t in report["per_task"]]
+    # a routed answer has no scores for the tasks it skipped: no task-given accuracy, rather than a wrong one
+    assert row["within_task_matrix"] is None and row["within_task_last"] is None
+    assert all(t["within_task_accuracy"] is None for t in report["per_task"])
 
 
 @pytest.mark.parametrize(

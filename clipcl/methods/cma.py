@@ -472,15 +472,18 @@ class CMA(Method):
         classes' statistics."""
         self.previous = None
         self._routing = [torch.zeros(len(layer.frozen), device=self.device) for layer in self.adapters.layers]
+        keep = self.config.keeps_statistics
         features, labels = [], []
         try:
             for images, batch_labels in batches:
-                features.append(self.encode(images.to(self.device)).float())
-                labels.append(batch_labels.to(self.device))
+                encoded = self.encode(images.to(self.device))
+                if keep:  # the task's features are held only when its statistics are kept
+                    features.append(encoded.float())
+                    labels.append(batch_labels.to(self.device))
             routing = self._routing
         finally:
             self._routing = None
-        if self.config.keeps_statistics:
+        if keep:
             features_all, labels_all = torch.cat(features), torch.cat(labels)
             if task.offset and self.config.replays:
                 self.replay_report = self._calibrate_by_replay(task, features_all, labels_all)
@@ -488,7 +491,7 @@ class CMA(Method):
                 mine = features_all[labels_all == task.offset + c]
                 self.bank.set(task.offset + c, estimate(mine, "full", REPLAY_SHRINKAGE))
             # as stored (half precision): the evaluation after this task sees what a later load restores
-            self.bank.load(self.bank.tensors(list(range(task.offset, task.offset + len(task.classes)))), self.device)
+            self.bank.load(self._task_statistics(task), self.device)
         if self.prompts is not None:
             self.prompts.freeze(task)
         self.newly_frozen = {}
@@ -527,11 +530,14 @@ class CMA(Method):
         context.requires_grad_(False)
         return {"replay_loss": f"{losses[0]:.3f} -> {losses[-1]:.3f}"} if losses else {}
 
+    def _task_statistics(self, task: TaskInfo) -> dict[str, torch.Tensor]:
+        """``task``'s classes' statistics as its tensor file stores them."""
+        return self.bank.tensors(list(range(len(self.classes)))[task.class_slice])
+
     def task_tensors(self) -> dict[str, torch.Tensor]:
         task = self.tasks[-1]
         prompts = self.prompts.tensors(task) if self.prompts is not None else {}
-        stats = self.bank.tensors(list(range(task.offset, task.offset + len(task.classes)))) \
-            if self.config.keeps_statistics else {}
+        stats = self._task_statistics(task) if self.config.keeps_statistics else {}
         return {**self.adapters.tensors(), **prompts, **stats}
 
     def task_metadata(self, task: TaskInfo) -> dict[str, Any]:

@@ -420,7 +420,7 @@ def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs
         return {"steps": 0, "seconds": 0.0, "images_per_s": 0.0, "images": 0}
     loader = make_loader(dataset, batch_size, workers, shuffle=True, seed=seed)
     generator = loader.generator
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr * method.learning_rate_scale(), weight_decay=0.0)
     total_steps = epochs * len(loader)
     scheduler = cosine_with_warmup(optimizer, total_steps)
     first_epoch, seen, previous_seconds = 0, 0, 0.0

@@ -221,8 +221,8 @@ def test_gaussian_classifier_scores_classes_by_their_kept_statistics(tiny_config
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(8))
     # a class mean moved onto an image's features wins that image
     features = method.encode(images[:1]).float()
-    method.bank.classes[1].mean.copy_(features[0])
-    method._gaussian = None
+    moved = method.bank.classes[1]
+    method.bank.set(1, type(moved)(features[0], moved.cov))
     assert int(method.predict_proba(images[:1]).argmax()) == 1
     for name in ("text+gaussian", "text"):
         method.config.classifier = name

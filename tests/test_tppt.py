@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, invoke, learn_two_tasks
+from conftest import TINY_CONFIG, invoke, learn_two_tasks, make_task
 
 from clipcl import Workspace
 from clipcl.backbone import load_backbone, resolve_model_spec
@@ -30,6 +30,7 @@ def test_prompts_at_their_initial_value_compute_the_frozen_model(name: str, tiny
     from clipcl.methods import TaskInfo
 
     method = _method(name, tiny_config, tiny_weights)
+    method.config.classifier = "text"  # (the hybrid classifier needs a finished task's prototypes)
     frozen = load_backbone(resolve_model_spec(str(tiny_config), str(tiny_weights)), tiny_config.parent)
     images = torch.rand(6, 3, 32, 32)
     torch.testing.assert_close(method.backbone.encode_images(images), frozen.encode_images(images),
@@ -108,3 +109,92 @@ def test_a_workspace_made_before_an_option_keeps_training_as_it_started() -> Non
     assert fresh.ce_classes == "current"
     stored = {k: v for k, v in vars(fresh).items() if k != "ce_classes"}  # a manifest written before the option
     assert build_config(method_class, stored=stored).ce_classes == "seen"
+    # one written before the stability options and the hybrid classifier trains and answers as it did
+    before = {k: v for k, v in vars(fresh).items()
+              if k not in ("kd_weight", "kd_temperature", "later_lr", "attention", "classifier", "text_weight")}
+    old = build_config(method_class, stored=before)
+    assert (old.kd_weight, old.later_lr, old.attention, old.classifier) == (0.0, 1.0, "gated", "text")
+    assert (fresh.kd_weight, fresh.later_lr, fresh.classifier) == (1.0, 0.01, "hybrid")
+    assert method_class.default_training(old) == (5, 1e-2) and method_class.default_training(fresh) == (2, 1e-2)
+
+
+def _two_tasks(method, images: torch.Tensor) -> None:
+    """Task 1 (red, green) learned with prompts moved at random, then task 2 (blue, yellow) begun."""
+    from clipcl.methods import TaskInfo
+
+    first = TaskInfo(1, ("red", "green"), 0)
+    method.begin(first)
+    with torch.no_grad():
+        method.visual_prompts.tokens.add_(torch.randn_like(method.visual_prompts.tokens))
+        method.visual_prompts.gates.fill_(0.5)
+    method.finish([(images, torch.tensor([0, 1] * (len(images) // 2)))])
+    method.begin(TaskInfo(2, ("blue", "yellow"), 2))
+
+
+@pytest.mark.parametrize("name", ["tppt-v", "tppt-vt"])
+def test_distillation_is_zero_until_the_prompts_move(name: str, tiny_config: Path, tiny_weights: Path) -> None:
+    method = _method(name, tiny_config, tiny_weights)
+    method.config.kd_weight = 1.0
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    _two_tasks(method, images)
+    features, text = method.backbone.encode_images(images), method.class_text()
+    assert float(method.old_class_distillation(images, features, text).detach()) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():  # (not a rescaling: the blocks' layer norm would undo it)
+        method.visual_prompts.tokens.add_(torch.randn_like(method.visual_prompts.tokens))
+    moved = method.backbone.encode_images(images)
+    assert float(method.old_class_distillation(images, moved, text).detach()) > 1e-4
+    # the previous prompts were only borrowed: the current ones are back after the teacher's pass
+    torch.testing.assert_close(method.backbone.encode_images(images), moved)
+
+
+def test_hybrid_classifier_with_text_weight_one_is_the_anchor_classifier(tiny_config: Path,
+                                                                         tiny_weights: Path) -> None:
+    method = _method("tppt-v", tiny_config, tiny_weights)
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    _two_tasks(method, images)
+    method.finish([(images, torch.tensor([2, 3] * 4))])
+    method.config.classifier = "text"
+    text_only = method.predict_proba(images)
+    method.config.classifier = "hybrid"
+    method.config.text_weight = 1.0
+    torch.testing.assert_close(method.predict_proba(images), text_only)
+    method.config.text_weight = 0.0  # the visual prototypes alone: an lda on the prompted features
+    features = method.backbone.encode_images(images).float()
+    torch.testing.assert_close(method.predict_proba(images),
+                               method.prototypes.log_likelihoods(features).softmax(dim=-1).float())
+    assert not torch.allclose(method.predict_proba(images), text_only, atol=1e-3)
+
+
+def test_absolute_diversity_pushes_apart_anchors_that_started_parallel() -> None:
+    parallel = torch.ones(3, 4) + 0.01 * torch.eye(3, 4)
+    assert float(relational_diversity(parallel, parallel)) == 0.0  # relative: never fires
+    assert float(relational_diversity(parallel, None, cap=0.8)) > 0.03  # absolute: every pair is above the cap
+    assert float(relational_diversity(torch.eye(3, 4), None, cap=0.8)) == 0.0
+
+
+def test_stability_options_train_keep_earlier_tasks_and_answer_both_ways(tmp_path: Path, tiny_config: Path,
+                                                                         tiny_weights: Path, runner) -> None:
+    import hashlib
+
+    ws = tmp_path / "ws"
+    invoke(runner, "init", "-w", ws, "--model", tiny_config, "--pretrained", tiny_weights, "--method", "tppt-vt",
+           "--set", "kd_weight=1", "--set", "later_lr=0.1", "--set", "attention=joint",
+           "--set", "diversity=absolute", "--set", "classifier=hybrid")
+    args = ("--epochs", "2", "--batch-size", "8", "--workers", "0", "--lr", "5e-2")
+    invoke(runner, "add-task", "-w", ws, make_task(tmp_path / "a", ["red", "green"]), *args)
+    workspace = Workspace.open(ws)
+    first_file = workspace.task_path(workspace.tasks[0]) / "tensors.safetensors"
+    assert first_file.is_file()
+    before = hashlib.sha256(first_file.read_bytes()).hexdigest()
+    invoke(runner, "add-task", "-w", ws, make_task(tmp_path / "b", ["blue", "yellow"]), *args)
+    assert hashlib.sha256(first_file.read_bytes()).hexdigest() == before
+    workspace = Workspace.open(ws)
+    records = [workspace.task_record(t) for t in workspace.tasks]
+    assert [r.method["lr_scale"] for r in records] == [1.0, 0.1]
+    assert "mean_gate" not in records[1].method  # joint attention has no gates
+    tensors = workspace.task_tensors(workspace.tasks[1])
+    assert tensors["hybrid.feature_means"].shape[0] == 2  # task 2's own two prototypes
+    for classifier in ("hybrid", "text"):
+        result = invoke(runner, "eval", "-w", ws, "--json", "--set", f"classifier={classifier}")
+        assert result.exit_code == 0, result.output
+        assert 0.0 <= json.loads(result.stdout)["accuracy"] <= 1.0

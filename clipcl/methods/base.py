@@ -192,6 +192,11 @@ class Method(PerTaskBuffers, ABC):
         self.tasks: list[TaskInfo] = []  # kept by restore() and begin() only
         self._inference_text: torch.Tensor | None = None
 
+    def learning_rate_scale(self) -> float:
+        """Factor on the peak learning rate for the training about to start (1: the rate as given): a method that
+        should move less once it holds earlier tasks returns less for them."""
+        return 1.0
+
     # --- the life cycle, as the engine and the workspace drive it ------------------------------------------------
     def _add(self, task: TaskInfo) -> None:
         expected = len(self.tasks) + 1
@@ -297,6 +302,15 @@ def clip_probabilities(backbone: Backbone, images: torch.Tensor, text_features: 
     image_features = backbone.encode_images(images)
     logits = backbone.logit_scale() * image_features @ text_features.to(image_features.dtype).T
     return logits.float().softmax(dim=-1)
+
+
+def hybrid_scores(text_logits: torch.Tensor, prototype_scores: torch.Tensor, text_weight: float) -> torch.Tensor:
+    """``text_weight * log_softmax(text_logits) + (1 - text_weight) * log_softmax(prototype_scores)``: with weight 1,
+    exactly the text classifier's log-probabilities (up to a constant per image)."""
+    scores = text_weight * text_logits.float().log_softmax(dim=-1)
+    if text_weight < 1:
+        scores = scores + (1 - text_weight) * prototype_scores.float().log_softmax(dim=-1)
+    return scores
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:

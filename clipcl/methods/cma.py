@@ -59,7 +59,6 @@ from .base import (
     TaskInfo,
     TemplateConfig,
     clip_probabilities,
-    gaussian_log_likelihoods,
     register_method,
 )
 from .components import ClassPrompts, TextAnchors
@@ -348,7 +347,6 @@ class CMA(Method):
         self.prompts = ClassPrompts(backbone, config.context_tokens, config.context_init) if config.class_prompts \
             else None
         self.bank = GaussianBank()  # each class's feature statistics, for calibration by replay or the classifier
-        self._gaussian: tuple[Any, torch.Tensor, torch.Tensor] | None = None
         self._active: MixtureOfAdapters = self.adapters
         self._text_context: torch.Tensor | None = None
         self._routing: list[torch.Tensor] | None = None  # routing weight (or choices) per expert while recording
@@ -563,19 +561,7 @@ class CMA(Method):
             raise ClipclError(f"classifier={self.config.classifier} needs the class statistics that tasks keep with "
                               "calibration=replay or a Gaussian classifier; this workspace's tasks did not keep them")
         features = self.encode(images).float()
-        means, precision = self._gaussian_classifier()
-        scores = gaussian_log_likelihoods(features, means, precision).float()
+        scores = self.bank.log_likelihoods(features, len(self.classes)).float()
         if self.config.classifier == "text+gaussian":
             scores = scores.log_softmax(dim=-1) + (self.backbone.logit_scale() * features @ text.T).log_softmax(dim=-1)
         return scores.softmax(dim=-1)
-
-    def _gaussian_classifier(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every class's stored mean and the precision of the classes' pooled covariance (cached until a task is
-        added)."""
-        key = ("gaussian", len(self.bank.classes))
-        if self._gaussian is None or self._gaussian[0] != key:
-            indices = range(len(self.classes))
-            means = torch.stack([self.bank.classes[c].mean for c in indices]).float()
-            pooled = torch.stack([self.bank.classes[c].cov.double() for c in indices]).mean(dim=0)
-            self._gaussian = (key, means, torch.linalg.inv(pooled))
-        return self._gaussian[1], self._gaussian[2]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ClipclError
-from .base import shrink
+from .base import gaussian_log_likelihoods, shrink
 
 COVARIANCE_KINDS = ("full", "diag")
 STATS_MEAN_KEY = "stats.mean"
@@ -144,9 +144,31 @@ class GaussianBank(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.classes: dict[int, ClassGaussian] = {}
+        self._pooled: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None  # (key, means, precision)
 
     def set(self, index: int, gaussian: ClassGaussian) -> None:
         self.classes[index] = gaussian
+        self._pooled = None
+
+    def log_likelihoods(self, features: torch.Tensor, n_classes: int) -> torch.Tensor:
+        """``[batch, n_classes]``: each feature's Gaussian log-likelihood under classes ``0..n_classes-1``, with one
+        covariance, the classes' covariances averaged (linear discriminant analysis on the kept statistics; the
+        precision is cached until a class's statistics change)."""
+        missing = [c for c in range(n_classes) if c not in self.classes]
+        if missing:
+            raise ClipclError(f"no statistics kept for {len(missing)} of the {n_classes} classes")
+        key = (n_classes, id(self.classes[n_classes - 1]))
+        if self._pooled is None or self._pooled[0] != key:
+            means = torch.stack([self.classes[c].mean for c in range(n_classes)]).float()
+            pooled = torch.stack([self._full_cov(self.classes[c]) for c in range(n_classes)]).mean(dim=0)
+            self._pooled = (key, means, torch.linalg.inv(pooled))
+        return gaussian_log_likelihoods(features, self._pooled[1].to(features.device),
+                                        self._pooled[2].to(features.device))
+
+    @staticmethod
+    def _full_cov(gaussian: ClassGaussian) -> torch.Tensor:
+        cov = gaussian.cov.double()
+        return torch.diag(cov) if gaussian.diagonal else cov
 
     def tensors(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """The statistics of ``indices`` as a task's tensor file stores them (half precision)."""
@@ -158,6 +180,7 @@ class GaussianBank(nn.Module):
 
     def load(self, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         """Set the classes a task's tensor file holds (a later task's copy replaces an earlier one)."""
+        self._pooled = None
         for row, index in enumerate(tensors[STATS_CLASSES_KEY].tolist()):
             factor = tensors[STATS_FACTOR_KEY][row].double().to(device)
             cov = factor.pow(2) if factor.dim() == 1 else factor @ factor.T
@@ -180,3 +203,30 @@ class GaussianBank(nn.Module):
             drawn[rows.to(samples.device)] = samples
         assert drawn is not None
         return drawn
+
+
+def fit_linear_map(before: torch.Tensor, after: torch.Tensor, ridge: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, b)`` with ``after ~ before @ W.T + b``: least squares on paired features ``[N, D]``, regularised toward
+    the identity by ``ridge`` (relative to the features' mean variance), so a map fitted on a few hundred images of
+    one task stays close to "no change" in the directions those images do not span. Identical pairs give exactly
+    ``(I, 0)``.
+    """
+    x, y = before.double(), after.double()
+    x_mean, y_mean = x.mean(dim=0), y.mean(dim=0)
+    xc, yc = x - x_mean, y - y_mean
+    dim = x.shape[1]
+    strength = ridge * float(xc.pow(2).sum()) / dim
+    identity = torch.eye(dim, dtype=torch.float64, device=x.device)
+    weight_t = torch.linalg.solve(xc.T @ xc + strength * identity, xc.T @ yc + strength * identity)
+    weight = weight_t.T
+    return weight.float(), (y_mean - x_mean @ weight_t).float()
+
+
+def map_gaussian(gaussian: ClassGaussian, weight: torch.Tensor, bias: torch.Tensor) -> ClassGaussian:
+    """A class's statistics carried through ``x -> W x + b``: mean ``W mu + b``, covariance ``W S W^T`` (the
+    diagonal of it for a diagonal covariance)."""
+    w = weight.double().to(gaussian.mean.device)
+    mean = w @ gaussian.mean.double() + bias.double().to(w.device)
+    cov = torch.diag(gaussian.cov.double()) if gaussian.diagonal else gaussian.cov.double()
+    mapped = w @ cov @ w.T
+    return ClassGaussian(mean.float(), (mapped.diagonal() if gaussian.diagonal else (mapped + mapped.T) / 2).float())

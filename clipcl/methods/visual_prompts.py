@@ -1,15 +1,18 @@
 """Deep visual prompts (VPT-deep) around open_clip's ViT image tower, with zero-initialised gates: tppt's prompts.
 
 Block ``i`` gets ``tokens[i]`` (``[n, width]``) inserted right after the class token at its input and dropped again
-at its output, so every block sees fresh prompts and the pooled output keeps its shape. Inside the block's attention,
-the sequence attends to its own tokens as in the frozen model, plus ``tanh(gates[i])`` times its attention over the
-prompt tokens (zero-initialised gating, as in LLaMA-Adapter): with the gates at zero the tower computes exactly what
-the frozen one computes, and the prompts' influence grows as the gates learn.
+at its output, so every block sees fresh prompts and the pooled output keeps its shape. Two ways to attend to them:
+
+* ``gated``: the sequence attends to its own tokens as in the frozen model, plus ``tanh(gates[i])`` times its
+  attention over the prompt tokens (zero-initialised gating, as in LLaMA-Adapter): with the gates at zero the tower
+  computes exactly what the frozen one computes, and the prompts' influence grows as the gates learn;
+* ``joint``: standard VPT-deep (Jia et al., 2022), the prompts in the same softmax as the tokens (no gates).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,7 @@ from ..errors import ModelError
 TOKENS_KEY = "vpt.tokens"
 GATES_KEY = "vpt.gates"
 NEEDS_VIT = "deep visual prompts need a ViT image tower"
+ATTENTIONS = ("gated", "joint")
 
 
 def gated_prompt_attention(n_prompts: int, gate: Callable[[], torch.Tensor]) -> AttentionFunction:
@@ -40,16 +44,28 @@ def gated_prompt_attention(n_prompts: int, gate: Callable[[], torch.Tensor]) -> 
     return attention
 
 
-def attach_deep_prompts(visual: nn.Module, model_name: str, tokens: nn.Parameter, gates: nn.Parameter) -> None:
-    """Put ``tokens[i]`` into block ``i`` of ``visual`` for every block, with attention to them scaled by
-    ``tanh(gates[i])``."""
+def joint_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                           dropout: float) -> torch.Tensor:
+    """VPT-deep's attention: the prompts are keys and values like any other token."""
+    if attn_mask is not None:
+        raise ModelError("deep visual prompts do not support an attention mask in the image tower")
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+
+
+def attach_deep_prompts(visual: nn.Module, model_name: str, tokens: nn.Parameter, gates: nn.Parameter,
+                        attention: str = "gated") -> None:
+    """Put ``tokens[i]`` into block ``i`` of ``visual`` for every block, attended to as ``attention`` says
+    (``gated``: scaled by ``tanh(gates[i])``; ``joint``: in the tokens' own softmax)."""
+    if attention not in ATTENTIONS:
+        raise ModelError(f"prompt attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
     blocks, batch_first = vision_blocks(visual, model_name, NEEDS_VIT)
     linearize_attention(visual)
     n = tokens.shape[1]
     seq_dim = 1 if batch_first else 0
 
     for i, block in enumerate(blocks):
-        block.attn.attention = gated_prompt_attention(n, lambda i=i: torch.tanh(gates[i]))
+        block.attn.attention = (gated_prompt_attention(n, lambda i=i: torch.tanh(gates[i])) if attention == "gated"
+                                else joint_prompt_attention)
 
         def insert(_module: nn.Module, args: tuple, kwargs: dict, i: int = i) -> tuple[tuple, dict]:
             x = args[0] if args else kwargs.pop("q_x")
@@ -72,7 +88,7 @@ def attach_deep_prompts(visual: nn.Module, model_name: str, tokens: nn.Parameter
 class DeepVisualPrompts(nn.Module):
     """``[blocks, n, width]`` prompt tokens and one gate per block, attached to a ViT image tower."""
 
-    def __init__(self, backbone: Backbone, n_tokens: int) -> None:
+    def __init__(self, backbone: Backbone, n_tokens: int, attention: str = "gated") -> None:
         super().__init__()
         visual = backbone.model.visual
         blocks, _ = vision_blocks(visual, backbone.spec.name, NEEDS_VIT)
@@ -80,7 +96,12 @@ class DeepVisualPrompts(nn.Module):
         device = next(visual.parameters()).device
         self.tokens = nn.Parameter(torch.randn(len(blocks), n_tokens, width, device=device) * 0.02)
         self.gates = nn.Parameter(torch.zeros(len(blocks), device=device))
-        attach_deep_prompts(visual, backbone.spec.name, self.tokens, self.gates)
+        attach_deep_prompts(visual, backbone.spec.name, self.tokens, self.gates, attention)
+        self.attention = attention
+
+    def trainable(self) -> list[nn.Parameter]:
+        """What learns: the tokens, and the gates where attention to the prompts is gated."""
+        return [self.tokens, self.gates] if self.attention == "gated" else [self.tokens]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {TOKENS_KEY: self.tokens.detach().clone(), GATES_KEY: self.gates.detach().clone()}
@@ -92,3 +113,14 @@ class DeepVisualPrompts(nn.Module):
                              f"this model needs {tuple(self.tokens.shape)}")
         self.tokens.copy_(tensors[TOKENS_KEY])
         self.gates.copy_(tensors[GATES_KEY])
+
+    @contextmanager
+    def using(self, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Run the tower with the prompts ``tensors`` (e.g. as they stood before the task) and put the current ones
+        back afterwards; for computations without gradients to the prompts."""
+        current = self.tensors()
+        self.load(tensors)
+        try:
+            yield
+        finally:
+            self.load(current)

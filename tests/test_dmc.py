@@ -283,4 +283,5 @@ def test_a_dmc_workspace_made_before_the_options_keeps_training_as_it_started() 
            "current_from", "calibration", "map_ridge", "classifier", "text_weight")
     old = build_config(method_class, stored={k: v for k, v in vars(fresh).items() if k not in new})
     assert (old.adapt, old.current_from, old.classifier, old.calibration) == ("every", "images", "text", "ot")
-    assert (fresh.adapt, fresh.current_from, fresh.classifier) == ("first", "statistics", "hybrid")
+    assert (fresh.adapt, fresh.current_from, fresh.classifier, fresh.calibration) == ("first", "statistics", "hybrid",
+                                                                                      "linear")

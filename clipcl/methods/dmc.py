@@ -145,6 +145,9 @@ class DMCOTConfig(DMCConfig):
     """dmc-ot's options: dmc's, with K = 4 task-specific prompt tokens by default."""
 
     task_tokens: int = field(default=4, metadata={"help": "task-specific prompt tokens per task (K)"})
+    calibration: str = field(default="linear", metadata={
+        "help": "how old statistics follow the encoder after a stage 1 that moved it: 'linear' (a ridge least-squares "
+                "feature map fitted on the task's paired features) or 'ot' (the paper's plan-weighted drift)"})
 
 
 @register_method

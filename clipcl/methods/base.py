@@ -130,6 +130,27 @@ class TemplateConfig(MethodConfig):
             raise ClipclError(f"the template needs a {{}} where the class name goes, got {self.template!r}")
 
 
+HYBRID_CLASSIFIERS = ("text", "hybrid")
+
+
+@dataclass
+class HybridClassifierConfig(MethodConfig):
+    """How classes are scored: by their text alone, or by their text and a shared-covariance Gaussian of the image
+    features each task keeps (both inference options; see :func:`hybrid_probabilities`)."""
+
+    classifier: str = field(default="hybrid", metadata={
+        "help": "how classes are scored: 'text' (each class's text features) or 'hybrid' (the text and a shared-"
+                "covariance Gaussian of the image features each task keeps, weighted by text_weight)"})
+    text_weight: float = field(default=0.5, metadata={"help": "hybrid classifier: weight of the text side (0-1)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.classifier not in HYBRID_CLASSIFIERS:
+            raise ClipclError(f"classifier must be one of {', '.join(HYBRID_CLASSIFIERS)}, got {self.classifier!r}")
+        if not 0 <= self.text_weight <= 1:
+            raise ClipclError(f"text_weight must be between 0 and 1, got {self.text_weight}")
+
+
 CE_CLASSES = ("seen", "current")
 
 
@@ -311,6 +332,18 @@ def hybrid_scores(text_logits: torch.Tensor, prototype_scores: torch.Tensor, tex
     if text_weight < 1:
         scores = scores + (1 - text_weight) * prototype_scores.float().log_softmax(dim=-1)
     return scores
+
+
+def hybrid_probabilities(backbone: Backbone, images: torch.Tensor, text_features: torch.Tensor,
+                         config: HybridClassifierConfig,
+                         prototype_scores: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Class probabilities as ``config`` says: CLIP's over ``text_features`` alone (``classifier=text`` or text
+    weight 1), or :func:`hybrid_scores` of those logits and ``prototype_scores(image features)``."""
+    if config.classifier == "text" or config.text_weight == 1:
+        return clip_probabilities(backbone, images, text_features)
+    features = backbone.encode_images(images).float()
+    text_logits = backbone.logit_scale().float() * features @ text_features.T
+    return hybrid_scores(text_logits, prototype_scores(features), config.text_weight).softmax(dim=-1)
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:

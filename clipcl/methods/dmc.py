@@ -55,7 +55,7 @@ from torch import nn
 
 from ..backbone import Backbone
 from ..errors import ClipclError
-from .base import Method, TaskInfo, clip_probabilities, hybrid_scores, register_method
+from .base import HybridClassifierConfig, Method, TaskInfo, hybrid_probabilities, register_method
 from .components import ImageLoRA, LoraPromptConfig, SharedPrompt
 from .gaussian import COVARIANCE_KINDS, GaussianBank, calibrate, estimate, fit_linear_map, map_gaussian
 
@@ -69,11 +69,10 @@ REPLAY_KINDS = ("uniform", "balanced")
 CALIBRATIONS = ("ot", "linear")
 CURRENT_FROM = ("images", "statistics")
 REPLAY_PER = ("image", "class")
-CLASSIFIERS = ("text", "hybrid")
 
 
 @dataclass
-class DMCConfig(LoraPromptConfig):
+class DMCConfig(LoraPromptConfig, HybridClassifierConfig):
     """dmc's options: the shared LoRA and context, the class statistics, and replay."""
 
     # workspaces made before an option keep training as they started
@@ -114,18 +113,12 @@ class DMCConfig(LoraPromptConfig):
         "help": "dmc-ot: how old statistics follow the encoder: 'ot' (plan-weighted drift) or 'linear' (a ridge "
                 "least-squares feature map fitted on the task's paired features)"})
     map_ridge: float = field(default=0.1, metadata={"help": "calibration=linear: pull of the map toward identity"})
-    classifier: str = field(default="hybrid", metadata={
-        "help": "how classes are scored: 'text' (each class's prompt) or 'hybrid' (the prompts and a shared-"
-                "covariance Gaussian of the kept class statistics, weighted by text_weight)"})
-    text_weight: float = field(default=0.5, metadata={"help": "hybrid classifier: weight of the prompts (0-1)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.adapt not in ADAPT_WHEN or self.replay not in REPLAY_KINDS or self.calibration not in CALIBRATIONS:
             raise ClipclError(f"adapt must be one of {', '.join(ADAPT_WHEN)}, replay one of "
                               f"{', '.join(REPLAY_KINDS)} and calibration one of {', '.join(CALIBRATIONS)}")
-        if self.classifier not in CLASSIFIERS or not 0 <= self.text_weight <= 1:
-            raise ClipclError(f"classifier must be one of {', '.join(CLASSIFIERS)} and text_weight in [0, 1]")
         if self.replay_per not in REPLAY_PER:
             raise ClipclError(f"replay_per must be one of {', '.join(REPLAY_PER)}, got {self.replay_per!r}")
         if self.current_from not in CURRENT_FROM:
@@ -324,13 +317,8 @@ class DMC(Method):
     # --- inference ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        text = self.inference_text(self.class_text)
-        if self.config.classifier == "text" or self.config.text_weight == 1:
-            return clip_probabilities(self.backbone, images, text)
-        features = self.backbone.encode_images(images).float()
-        text_logits = self.backbone.logit_scale().float() * features @ text.T
-        gaussian = self.bank.log_likelihoods(features, len(self.classes))
-        return hybrid_scores(text_logits, gaussian, self.config.text_weight).softmax(dim=-1)
+        return hybrid_probabilities(self.backbone, images, self.inference_text(self.class_text), self.config,
+                                    lambda features: self.bank.log_likelihoods(features, len(self.classes)))
 
 
 @register_method

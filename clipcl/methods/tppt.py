@@ -45,14 +45,14 @@ from ..backbone import Backbone
 from ..errors import ClipclError
 from .base import (
     CrossEntropyClassesConfig,
+    HybridClassifierConfig,
     Method,
     MethodConfig,
     PromptContextConfig,
     TaskInfo,
     TemplateConfig,
-    clip_probabilities,
     encode_task_images,
-    hybrid_scores,
+    hybrid_probabilities,
     register_method,
 )
 from .components import PooledGaussian, SharedPrompt, TextAnchors
@@ -60,12 +60,11 @@ from .losses import cross_entropy_over, distillation, text_to_image_contrastive
 from .visual_prompts import ATTENTIONS, GATES_KEY, TOKENS_KEY, DeepVisualPrompts
 
 STATS_PREFIX = "hybrid."
-CLASSIFIERS = ("text", "hybrid")
 DIVERSITY_KINDS = ("relative", "absolute")
 
 
 @dataclass
-class TPPTConfig(TemplateConfig, CrossEntropyClassesConfig):
+class TPPTConfig(TemplateConfig, CrossEntropyClassesConfig, HybridClassifierConfig):
     """tppt-v's options: the visual prompts, the anchors' template, and the weight of the text-to-image term."""
 
     # workspaces made before an option train and answer as they did then
@@ -82,10 +81,6 @@ class TPPTConfig(TemplateConfig, CrossEntropyClassesConfig):
     attention: str = field(default="gated", metadata={
         "help": "how the image tower attends to the prompts: 'gated' (zero-initialised gate per block, starts as "
                 "the frozen model) or 'joint' (standard VPT-deep, one softmax)"})
-    classifier: str = field(default="hybrid", metadata={
-        "help": "how classes are scored: 'text' (the text anchors) or 'hybrid' (text anchors and each class's "
-                "stored visual prototype, weighted by text_weight)"})
-    text_weight: float = field(default=0.5, metadata={"help": "hybrid classifier: weight of the text anchors (0-1)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,10 +92,6 @@ class TPPTConfig(TemplateConfig, CrossEntropyClassesConfig):
             raise ClipclError(f"later_lr must be in (0, 1], got {self.later_lr}")
         if self.attention not in ATTENTIONS:
             raise ClipclError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
-        if self.classifier not in CLASSIFIERS:
-            raise ClipclError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}")
-        if not 0 <= self.text_weight <= 1:
-            raise ClipclError(f"text_weight must be between 0 and 1, got {self.text_weight}")
 
 
 @dataclass
@@ -243,16 +234,12 @@ class TPPTV(Method):
 
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        text = self.inference_text(self.class_text)
-        if self.config.classifier == "text" or self.config.text_weight == 1:
-            return clip_probabilities(self.backbone, images, text)
-        if self.prototypes.n_tasks != len(self.tasks):
+        uses_prototypes = self.config.classifier == "hybrid" and self.config.text_weight < 1
+        if uses_prototypes and self.prototypes.n_tasks != len(self.tasks):
             raise ClipclError("classifier=hybrid needs the class prototypes each task keeps, and this workspace's "
                               "earlier tasks were stored before clipcl kept them: use classifier=text")
-        features = self.backbone.encode_images(images).float()
-        text_logits = self.backbone.logit_scale().float() * features @ text.T
-        return hybrid_scores(text_logits, self.prototypes.log_likelihoods(features), self.config.text_weight
-                             ).softmax(dim=-1)
+        return hybrid_probabilities(self.backbone, images, self.inference_text(self.class_text), self.config,
+                                    self.prototypes.log_likelihoods)
 
 
 @register_method

@@ -18,11 +18,10 @@ Two small adaptations make open_clip's modules fit parameter-efficient tuning wi
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,96 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelError
-from .reading import read_json_bounded, regular_file_problem, sha256_of_file
+from .fingerprint_cache import FILE_SHA256, FingerprintCache, file_identity, model_value_name
+from .modelspec import ModelSpec, resolve_model_spec  # noqa: F401  (re-exported: clipcl.backbone's public names)
+from .reading import sha256_of_file
 
 CONTEXT_PLACEHOLDER = "X"
-HF_HUB_PREFIX = "hf-hub:"
-LOCAL_DIR_PREFIX = "local-dir:"
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild the same base model in another process.
-
-    ``config`` holds the model-config JSON's content for custom architectures; ``pretrained_sha256`` fingerprints a
-    local weights file so that adapters are never loaded on top of different weights.
-    """
-
-    name: str
-    pretrained: str | None = None
-    pretrained_sha256: str | None = None
-    config: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(**{k: data.get(k) for k in ("name", "pretrained", "pretrained_sha256", "config")})
-
-    def describe(self) -> str:
-        if self.pretrained is None:
-            return self.name
-        return f"{self.name} ({Path(self.pretrained).name if self.pretrained_sha256 else self.pretrained})"
-
-
-def _looks_like_path(value: str) -> bool:
-    return "/" in value or "\\" in value or value.lower().endswith((*WEIGHT_SUFFIXES, ".json"))
-
-
-def resolve_model_spec(model: str, pretrained: str | None, allow_random_weights: bool = False) -> ModelSpec:
-    """Check a ``--model``/``--pretrained`` pair without loading weights, and pin it down as a :class:`ModelSpec`.
-
-    A model without pretrained weights is refused unless ``allow_random_weights``: open_clip would initialise it
-    randomly on every load, so adapters stored on top of it could never be used again.
-    """
-    config = None
-    if model.lower().endswith(".json"):
-        path = Path(model).expanduser()
-        problem = regular_file_problem(path)
-        if problem is not None:
-            raise ModelError(f"model config not found: {path}" if problem == "missing"
-                             else f"cannot read model config {path}: {problem}")
-        try:
-            config = read_json_bounded(path)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot read model config {path}: {exc}") from exc
-        if not isinstance(config, dict) or not all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")):
-            raise ModelError(f"{path} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
-        name = path.stem
-    elif model.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
-        name = model
-        if pretrained is not None:
-            raise ModelError(f"{model} carries its own weights: drop --pretrained")
-    else:
-        name = model
-        known = open_clip.list_models()
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else " (see open_clip.list_models())"
-            raise ModelError(f"unknown model {name!r}{hint}")
-
-    sha = None
-    if pretrained is not None and (Path(pretrained).expanduser().exists() or _looks_like_path(pretrained)):
-        path = Path(pretrained).expanduser()
-        problem = regular_file_problem(path)
-        if problem is not None:
-            raise ModelError(f"pretrained weights file not found: {path}" if problem == "missing"
-                             else f"cannot use the pretrained weights {path}: {problem}")
-        pretrained = str(path.resolve())
-        sha = sha256_of_file(path)
-    elif pretrained is not None and config is None:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if pretrained not in tags:
-            offered = ", ".join(tags) if tags else "none; pass a weights file"
-            raise ModelError(f"unknown pretrained tag {pretrained!r} for {name} (known: {offered})")
-    elif pretrained is not None:
-        raise ModelError(f"a custom model config takes a weights file for --pretrained, not the tag {pretrained!r}")
-    elif not name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)) and not allow_random_weights:
-        raise ModelError(f"--pretrained is required for {name}: a tag such as openai, or a weights file")
-    return ModelSpec(name=name, pretrained=pretrained, pretrained_sha256=sha, config=config)
 
 
 # (q, k, v as [batch, heads, length, head width], attention mask or None, dropout) -> [batch, heads, length, width]
@@ -258,13 +173,25 @@ class Backbone:
         return self.model.logit_scale.exp()
 
 
-def _local_weights_sha(spec: ModelSpec) -> None:
+def _file_sha256(path: Path, cache: FingerprintCache) -> str:
+    """The sha256 of a weights file, kept from an earlier load while the file is unchanged
+    (:mod:`clipcl.fingerprint_cache`)."""
+    known = cache.lookup(path, FILE_SHA256)
+    if known is not None:
+        return known
+    identity = file_identity(path)
+    digest = sha256_of_file(path)
+    cache.record(path, identity, FILE_SHA256, digest)
+    return digest
+
+
+def _local_weights_sha(spec: ModelSpec, cache: FingerprintCache | None = None) -> None:
     if spec.pretrained_sha256 is None or spec.pretrained is None:
         return
     path = Path(spec.pretrained)
     if not path.is_file():
         raise ModelError(f"the base model's weights file is gone: {path}")
-    if sha256_of_file(path) != spec.pretrained_sha256:
+    if _file_sha256(path, cache or FingerprintCache(None)) != spec.pretrained_sha256:
         raise ModelError(f"the base model's weights file changed since the workspace was created: {path}")
 
 
@@ -296,25 +223,123 @@ def weights_fingerprint(model: nn.Module) -> str:
     return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()
 
 
-def load_backbone(spec: ModelSpec, config_dir: Path | None = None, device: str | torch.device = "cpu") -> Backbone:
-    """Build the frozen base model for ``spec``; ``config_dir`` holds the stored model-config JSON, if any."""
+@dataclass(frozen=True)
+class _CheckpointRead:
+    """A file open_clip loaded a model's weights from: its identity before it was read
+    (:func:`~clipcl.fingerprint_cache.file_identity`), and whether it was loaded into every tensor of the model
+    (strictly, not a big_vision ``.npz`` that open_clip converts tensor by tensor)."""
+
+    path: str
+    identity: dict[str, int] | None
+    whole: bool
+
+
+@contextlib.contextmanager
+def _checkpoints_read() -> Iterator[list[_CheckpointRead]]:
+    """Record each file open_clip loads a model's weights from while inside (its ``load_checkpoint``)."""
+    factory = getattr(open_clip, "factory", None)
+    original = getattr(factory, "load_checkpoint", None)
+    read: list[_CheckpointRead] = []
+    if original is None:  # an open_clip that loads otherwise: nothing is recorded, so nothing is assumed
+        yield read
+        return
+
+    def recording(model: nn.Module, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        strict = kwargs.get("strict", args[0] if args else True)
+        whole = strict is True and Path(str(checkpoint_path)).suffix not in (".npz", ".npy")
+        read.append(_CheckpointRead(str(checkpoint_path), file_identity(checkpoint_path), whole))
+        return original(model, checkpoint_path, *args, **kwargs)
+
+    factory.load_checkpoint = recording
+    try:
+        yield read
+    finally:
+        factory.load_checkpoint = original
+
+
+def _whole_checkpoint(read: list[_CheckpointRead]) -> _CheckpointRead | None:
+    """The one file every tensor of the model came from, if that is how it was loaded."""
+    return read[0] if len(read) == 1 and read[0].whole else None
+
+
+# torch.nn.init's functions that draw or set a tensor's initial values (what nn.Linear, nn.Embedding, nn.LayerNorm
+# and open_clip's own init_parameters call)
+INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                  "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                  "sparse_")
+
+
+@contextlib.contextmanager
+def _initialisation_skipped(skip: bool) -> Iterator[None]:
+    """While inside (with ``skip``), torch.nn.init's functions leave tensors as they are. open_clip draws random
+    values for every tensor of a model before it loads the checkpoint over them: for a ViT-B/16 on a CPU that is
+    most of the time creating the model takes, for values that are never used. Only valid when the whole
+    checkpoint is then loaded strictly (:func:`load_backbone` checks that, and builds the model again otherwise)."""
+    saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS if hasattr(torch.nn.init, name)} \
+        if skip else {}
+
+    def left_as_is(tensor: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
+        return tensor
+
+    for name in saved:
+        setattr(torch.nn.init, name, left_as_is)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _model_fingerprint(model: nn.Module, spec: ModelSpec, read: list[_CheckpointRead], cache: FingerprintCache
+                       ) -> str:
+    """:func:`weights_fingerprint` of ``model``, kept per weights file: when every tensor came from one file (open_clip
+    loads it strictly, so each tensor is the file's) that is unchanged since an earlier load hashed the same model
+    built from it, that load's fingerprint; otherwise computed, and kept for the next load."""
+    source = _whole_checkpoint(read)
+    if source is None or source.identity is None:
+        return weights_fingerprint(model)
+    value_name = model_value_name(spec.name, spec.config, {"torch": torch.__version__,
+                                                           "open_clip": open_clip.__version__})
+    known = cache.lookup(source.path, value_name)
+    if known is not None and file_identity(source.path) == source.identity:  # the file read is the one hashed
+        return known
+    fingerprint = weights_fingerprint(model)
+    cache.record(source.path, source.identity, value_name, fingerprint)
+    return fingerprint
+
+
+def load_backbone(spec: ModelSpec, config_dir: Path | None = None, device: str | torch.device = "cpu",
+                  fingerprint_cache: FingerprintCache | None = None) -> Backbone:
+    """Build the frozen base model for ``spec``; ``config_dir`` holds the stored model-config JSON, if any.
+
+    The sha256 of a local weights file and the fingerprint of the loaded tensors are taken from
+    ``fingerprint_cache`` (by default the user's, :mod:`clipcl.fingerprint_cache`) while the file is unchanged
+    since they were computed, so a second load of the same weights hashes nothing; and a model whose weights come
+    from a checkpoint is not first filled with random values (:func:`_initialisation_skipped`)."""
+    cache = fingerprint_cache or FingerprintCache.default()
     if spec.config is not None:
         if config_dir is None or not (config_dir / f"{spec.name}.json").is_file():
             raise ModelError(f"the model config for {spec.name} is missing from the workspace")
         open_clip.add_model_config(config_dir / f"{spec.name}.json")
-    _local_weights_sha(spec)
+    _local_weights_sha(spec, cache)
+
+    def create(skip_initialisation: bool) -> tuple[tuple[Any, Any, Any], list[_CheckpointRead]]:
+        with _pickle_free_loading(), _checkpoints_read() as read, _initialisation_skipped(skip_initialisation):
+            created = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained, device=device)
+        return created, read
+
     try:
-        with _pickle_free_loading():
-            model, train_transform, eval_transform = open_clip.create_model_and_transforms(
-                spec.name, pretrained=spec.pretrained, device=device
-            )
+        (model, train_transform, eval_transform), read = create(skip_initialisation=spec.pretrained is not None)
+        if spec.pretrained is not None and _whole_checkpoint(read) is None:  # a tensor may have kept no value
+            (model, train_transform, eval_transform), read = create(skip_initialisation=False)
         tokenizer = open_clip.get_tokenizer(spec.name)
     except Exception as exc:  # open_clip, torch.load and the hub raise many types; each means "cannot load"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load {spec.describe()}: {first_line}") from exc
     model.eval()
     model.requires_grad_(False)
-    return Backbone(model, tokenizer, train_transform, eval_transform, spec, weights_fingerprint(model))
+    return Backbone(model, tokenizer, train_transform, eval_transform, spec,
+                    _model_fingerprint(model, spec, read, cache))
 
 
 def context_tokens(backbone: Backbone, class_names: list[str], n_context: int) -> torch.Tensor:

@@ -19,15 +19,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import WorkspaceError
 from .failpoints import failpoint
 from .records import RunIdentity
 from .storage import atomic_write_bytes, atomic_write_json, load_tensor_file, read_json, sha256_bytes, tensors_to_bytes
+
+if TYPE_CHECKING:  # torch loads with a run's first checkpoint, not with `clipcl tasks` asking whether one is pending
+    import torch
 
 CHECKPOINT_DIR = ".resume"
 STATE_JSON = "state.json"
@@ -51,6 +51,9 @@ class EpochState:
 
 def capture_rng() -> dict[str, Any]:
     """Python's, NumPy's and torch's (CPU and every GPU) random states."""
+    import numpy as np
+    import torch
+
     version, state, gauss = random.getstate()
     np_state = np.random.get_state()
     return {
@@ -62,6 +65,9 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     version, values, gauss = state["python"]
     random.setstate((version, tuple(values), gauss))
     name, keys, *rest = state["numpy"]
@@ -73,6 +79,8 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """``obj`` with every tensor replaced by ``{"tensor": key}`` and moved into ``tensors``: JSON + safetensors."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         tensors[prefix] = obj.detach().cpu()
         return {"tensor": prefix}

@@ -7,13 +7,12 @@ usage error (also code 2). Anything else is a bug: one line naming it, exit code
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,15 +21,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from typer.core import TyperGroup
 
-from .checkpoint import Checkpoint
-from .engine import TaskReport, TrainOptions, add_task
 from .errors import ClipclError
-from .methods import available_methods
+from .methods import method_summaries
 from .reading import DEFAULT_MAX_IMAGE_BYTES, MIB
 from .runtime import PRECISIONS, default_workers
 from .runtime import Progress as EngineProgress
 from .version import __version__
 from .workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
+
+if TYPE_CHECKING:
+    from .engine import TaskReport
+
+# Nothing above imports torch, open_clip or peft: `--help`, `--version`, `tasks` and usage errors answer in a fraction
+# of a second. Each command imports the library code that runs a model inside its own body.
 
 DEBUG_ENV = "CLIPCL_DEBUG"
 DEFAULT_WORKERS = default_workers()
@@ -149,7 +152,7 @@ def _parse_sets(values: list[str]) -> dict[str, str]:
 
 def _methods_help() -> str:
     return "Continual-learning method: " + "; ".join(
-        f"{name} ({cls.summary})" if cls.summary else name for name, cls in available_methods().items()
+        f"{name} ({summary})" if summary else name for name, summary in method_summaries().items()
     )
 
 
@@ -166,7 +169,7 @@ def init(
                     ] = None,
 ) -> None:
     """Create a workspace for a base CLIP model and a method."""
-    from .backbone import resolve_model_spec
+    from .modelspec import resolve_model_spec
 
     spec = resolve_model_spec(model, pretrained)
     ws = Workspace.create(workspace, spec, method, _parse_sets(set_ or []))
@@ -266,6 +269,8 @@ def add_task_command(
     # what the command line gave; the rest stays unset (the library's defaults, or a resumed run's settings)
     given = {key: value for key, value in values.items()
              if getattr(ctx.get_parameter_source(key), "name", None) == "COMMANDLINE"}
+    from .engine import TrainOptions, add_task
+
     options = TrainOptions(**given, evaluate=evaluate, lock_wait=wait)
     report = add_task(workspace, folder, options, RichProgress(), resume=resume)
     if not report.is_main_process:
@@ -280,34 +285,16 @@ def tasks(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List what the workspace has learned: tasks, classes, sizes, when, and how well."""
+    from .summary import tasks_summary
+
     ws = Workspace.open(workspace)
-    rows = []
-    for task in ws.tasks:
-        record = ws.task_record(task)
-        rows.append({
-            "id": task.info.index,
-            "name": task.name,
-            "classes": list(task.info.classes),
-            "train_images": record.train_images,
-            "heldout_images": record.heldout_images,
-            "tensor_bytes": record.tensors.bytes if record.tensors else 0,
-            "created_at": task.created_at,
-            "epochs": record.training.epochs,
-            "accuracy": None if record.accuracy is None else dataclasses.asdict(record.accuracy),
-            "method": record.method,
-        })
-    interrupted = Checkpoint.pending(ws.path, len(rows) + 1)  # add-task reports a damaged one and replaces it
-    resumable = None if interrupted is None else {
-        "task": interrupted.run.task, "name": interrupted.run.name, "folder": interrupted.run.folder,
-        "stage": interrupted.stage + 1, "epochs_done": interrupted.epochs_done}
+    summary = tasks_summary(ws)  # the same dict `clipcl serve` answers at GET /tasks
     if as_json:
-        summary = {"workspace": str(ws.path), "model": ws.model_spec.describe(), "method": ws.method_name,
-                   "method_config": ws.method_config, "classes": ws.classes, "tasks": rows,
-                   "interrupted": resumable}
         print(json.dumps(summary, indent=2))
         return
+    rows, removed, resumable = summary["tasks"], ws.removed_tasks, summary["interrupted"]
     out().print(f"[bold]{ws.path}[/]: model {ws.model_spec.describe()}, method {ws.method_name}, "
-                  f"{len(ws.classes)} classes in {len(rows)} tasks")
+                  f"{len(ws.classes)} classes in {len(rows)} tasks" + (f", {len(removed)} removed" if removed else ""))
     table = Table(show_header=True)
     for column, justify in (("task", "right"), ("name", "left"), ("classes", "left"), ("train", "right"),
                             ("held-out", "right"), ("stored", "right"), ("added", "left"),
@@ -316,7 +303,15 @@ def tasks(
     with_notes = any(row["method"] for row in rows)
     if with_notes:
         table.add_column(ws.method_name, justify="left")
-    for row in rows:
+    gone = [{"id": r.id, "removed": r} for r in removed]
+    for row in sorted([*rows, *gone], key=lambda row: row["id"]):
+        if "removed" in row:  # kept in the list, by its number, so the history reads in order
+            r = row["removed"]
+            classes = ", ".join(r.classes)
+            table.add_row(str(r.id), f"{escape(r.name)} (removed {r.removed_at.replace('T', ' ')[:16]})",
+                          classes if len(classes) <= 60 else classes[:57] + "...", "-", "-", "-",
+                          r.created_at.replace("T", " ")[:16], "-", "-", *(("",) if with_notes else ()), style="dim")
+            continue
         accuracy = row["accuracy"] or {}
         names = ", ".join(row["classes"])
         table.add_row(str(row["id"]), row["name"], names if len(names) <= 60 else names[:57] + "...",
@@ -328,6 +323,31 @@ def tasks(
         out().print(f"Interrupted: task {resumable['task']} ({escape(resumable['name'])}) stopped after epoch "
                     f"{resumable['epochs_done']} of stage {resumable['stage']}; continue it with "
                     "`clipcl add-task --resume`")
+
+
+@app.command("remove-task")
+def remove_task_command(
+    task: Annotated[str, typer.Argument(help="The task's number or name (`clipcl tasks` lists them).",
+                                        show_default=False)],
+    workspace: WorkspaceOption = Path(DEFAULT_WORKSPACE),
+    wait: Annotated[float, typer.Option(help="Seconds to wait for another clipcl process writing the workspace "
+                                             "(default: fail at once).", min=0.0)] = 0.0,
+) -> None:
+    """Take a task and its classes out of the workspace, as if it had never been learned.
+
+    Only for methods whose tasks are independent of each other (dma, lda, ncm, zeroshot): the workspace then predicts
+    as one that learned the other tasks alone. The task's files are deleted; later tasks keep their numbers, and the
+    accuracy matrix keeps its row and column, marked as removed.
+    """
+    from .workspace import remove_task
+
+    removal = remove_task(workspace, task, wait=wait, on_wait=RichProgress().warn)
+    removed = removal.removed
+    if removal.discarded_checkpoint:
+        RichProgress().warn("dropped the checkpoint of an interrupted add-task: it trained with the removed task "
+                            "present, so it cannot be resumed; run that add-task again")
+    out().print(f"Removed task {removed.id} ({escape(removed.name)}) and its {len(removed.classes)} classes "
+                f"({escape(', '.join(removed.classes))}); {len(removal.tasks)} task(s) left")
 
 
 def _shown_path(path: str) -> str:
@@ -466,15 +486,25 @@ def eval_command(
                   _percent(ev.accuracy), _percent(ev.task_id_accuracy if routed else report.within_task_accuracy),
                   style="bold")
     out().print(table)
-    matrix = Table(title="stored accuracy matrix (%)", caption="row: after task i; column: task j")
+    # every task ever learned, by number; a removed task's row and column stay, marked, out of the metrics
+    history = report.history
+    numbers = history.tasks if history is not None else [t.info.index for t in report.workspace.tasks]
+    gone = set(history.removed) if history is not None else set()
+    rows = history.matrix if history is not None else report.matrix
+    caption = "row: after task i; column: task j" + ("; removed tasks: as stored, left out of the metrics"
+                                                       if gone else "")
+    matrix = Table(title="stored accuracy matrix (%)", caption=caption)
     matrix.add_column("after", justify="right")
-    n_tasks = len(report.matrix)
-    for j in range(n_tasks):
-        matrix.add_column(f"task {j + 1}", justify="right")
+    for number in numbers:
+        matrix.add_column(f"task {number}" + (" (removed)" if number in gone else ""), justify="right")
     matrix.add_column("acc", justify="right", style="bold")
-    for i, row in enumerate(report.matrix):
-        cells = [_metric(row[j]) if j < len(row) else "" for j in range(n_tasks)]
-        matrix.add_row(str(i + 1), *cells, _metric(report.metrics.accuracy_after_task[i]))
+    after = iter(report.metrics.accuracy_after_task)
+    for number, row in zip(numbers, rows, strict=True):
+        cells = [_metric(row[j]) if j < len(row) else "" for j in range(len(numbers))]
+        if number in gone:
+            matrix.add_row(f"{number} (removed)", *cells, "-", style="dim")
+        else:
+            matrix.add_row(str(number), *cells, _metric(next(after)))
     out().print(matrix)
     m = report.metrics
     out().print(f"Avg {_metric(m.avg)}  Last {_metric(m.last)}  Forgetting {_metric(m.forgetting)}  "
@@ -570,6 +600,38 @@ def _size(n_bytes: int) -> str:
             return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
         n_bytes /= 1024
     return str(n_bytes)
+
+
+@app.command()
+def serve(
+    workspace: WorkspaceOption = Path(DEFAULT_WORKSPACE),
+    host: Annotated[str, typer.Option(help="Address to listen on; the default answers this machine only (0.0.0.0: "
+                                           "every network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one; the address is logged).", min=0,
+                                      max=65535)] = 8000,
+    route: RouteOption = None,
+    set_: InferenceSetOption = None,
+    max_batch: Annotated[int, typer.Option(help="Most images in one forward pass: concurrent requests are batched "
+                                                "together up to this.", min=1)] = 32,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests before it runs.",
+                                                 min=0.0)] = 5.0,
+    max_request_mb: Annotated[float, typer.Option("--max-request-mb", metavar="MIB",
+                                                  help="Refuse larger request bodies (413).")] = 64.0,
+    max_image_mb: Annotated[float, typer.Option("--max-image-mb", metavar="MIB",
+                                                help="Refuse larger image files (413).")] = 32.0,
+    max_files: Annotated[int, typer.Option(help="Most images in one request.", min=1)] = 256,
+    watch_interval: Annotated[float, typer.Option(help="Seconds between looks for a task committed by another "
+                                                       "process (0: never reload).", min=0.0)] = 0.5,
+    precision: PrecisionOption = "fp32",
+) -> None:
+    """Answer predictions over HTTP (POST /predict, GET /tasks, /health, and a page at /), batching concurrent
+    requests; tasks committed meanwhile by another process go live without a restart."""
+    from .serve import ServeSettings, run_server  # torch and the server packages: only when serving
+
+    run_server(ServeSettings(workspace=workspace, host=host, port=port, route=route, options=_parse_sets(set_ or []),
+                             max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_request_mb=max_request_mb,
+                             max_image_mb=max_image_mb, max_files=max_files, precision=precision,
+                             watch_interval=watch_interval))
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ from .data import ImageDataset, TaskData, scan_task_folder
 from .errors import ClipclError, DataError, WorkspaceError
 from .evaluation import evaluate_tasks, heldout_dataset
 from .failpoints import failpoint
+from .imagecache import SPILL_DIR, CachedTrainImages, build_image_cache
 from .methods import Method, TaskInfo, build_config, get_method_class
 from .reading import DEFAULT_MAX_IMAGE_BYTES, MIB
 from .records import RunIdentity, TaskAccuracy, TaskCounts, TaskRecord, TaskSource, TaskTimings, TrainingSettings
@@ -262,14 +263,34 @@ def train_task(prepared: PreparedTask, accelerator: Any, progress: Progress) -> 
     where there is one, and writing a checkpoint after every epoch), and let the method gather its statistics."""
     from accelerate.utils import set_seed
 
-    options, task, data, checkpoint = prepared.plan.options, prepared.task, prepared.data, prepared.checkpoint
+    options, task, data = prepared.plan.options, prepared.task, prepared.data
     workspace = prepared.plan.workspace
     set_seed(options.seed)
     method = workspace.build_method(device=accelerator.device)
     method.begin(task)
     limit = prepared.max_image_bytes
-    train_set = ImageDataset(data.root, data.train, method.backbone.train_transform, task.offset, limit)
-    stats_set = ImageDataset(data.root, data.train, method.backbone.eval_transform, task.offset, limit)
+    # decode once: every training image is decoded here, once, for both transforms (clipcl.imagecache); a transform
+    # that cannot be cached falls back to decoding on access
+    cache = build_image_cache(data.root, data.train,
+                              method.backbone.train_transform if any(prepared.stage_epochs) else None,
+                              method.backbone.eval_transform, task.offset, limit, threads=max(1, options.workers),
+                              spill_dir=workspace.path / SPILL_DIR, progress=progress)
+    train_set = (cache.train if cache.train is not None
+                 else ImageDataset(data.root, data.train, method.backbone.train_transform, task.offset, limit))
+    stats_set = (cache.eval if cache.eval is not None
+                 else ImageDataset(data.root, data.train, method.backbone.eval_transform, task.offset, limit))
+    stats_workers = 0 if cache.eval is not None else options.workers  # cached: nothing left for workers to do
+    try:
+        return _train_stages(prepared, method, train_set, stats_set, stats_workers, accelerator, progress)
+    finally:
+        cache.close()
+
+
+def _train_stages(prepared: PreparedTask, method: Method, train_set: torch.utils.data.Dataset,
+                  stats_set: torch.utils.data.Dataset, stats_workers: int, accelerator: Any,
+                  progress: Progress) -> TrainedTask:
+    """:func:`train_task`'s stages, on its datasets."""
+    options, checkpoint, workspace = prepared.plan.options, prepared.checkpoint, prepared.plan.workspace
     stages: list[dict[str, Any]] = list(checkpoint.finished_stages) if checkpoint is not None else []
     stage_rng: list[dict[str, Any]] = list(checkpoint.stage_rng) if checkpoint is not None else []
     names = {id(param): param_name for param_name, param in method.named_parameters()}
@@ -302,9 +323,9 @@ def train_task(prepared: PreparedTask, accelerator: Any, progress: Progress) -> 
         else:
             restore_rng(checkpoint.stage_rng[number - 1])  # end_stage may draw (dmc-ot's calibration samples)
         if number < len(method.stages):
-            method.end_stage(stage, _advancing(make_loader(stats_set, options.batch_size, options.workers), progress,
+            method.end_stage(stage, _advancing(make_loader(stats_set, options.batch_size, stats_workers), progress,
                                                f"{label}statistics"))
-    method.finish(_advancing(make_loader(stats_set, options.batch_size, options.workers), progress,
+    method.finish(_advancing(make_loader(stats_set, options.batch_size, stats_workers), progress,
                              "class statistics"))
     return TrainedTask(method, stages)
 
@@ -338,7 +359,11 @@ def build_record(prepared: PreparedTask, trained: TrainedTask, accelerator: Any)
 def evaluate_after_task(prepared: PreparedTask, method: Method, record: TaskRecord, accelerator: Any,
                         progress: Progress) -> None:
     """Every task's held-out accuracy with the new task learned (the method's default route): fills
-    ``record.accuracy`` (row ``i`` of the accuracy matrix) and the evaluation's wall time."""
+    ``record.accuracy`` (row ``i`` of the accuracy matrix) and the evaluation's wall time. The earlier tasks' frozen
+    features come from the workspace's cache, where the evaluations after their own tasks kept them, and the new
+    task's are kept there for the next (:mod:`clipcl.feature_cache`; never part of the committed state)."""
+    from .feature_cache import FrozenFeatureCache
+
     options, data, task = prepared.plan.options, prepared.data, prepared.task
     workspace = prepared.plan.workspace
     started = time.perf_counter()
@@ -346,7 +371,8 @@ def evaluate_after_task(prepared: PreparedTask, method: Method, record: TaskReco
             for stored in workspace.tasks]
     sets.append((task, ImageDataset(data.root, data.test, method.backbone.eval_transform, task.offset,
                                     prepared.max_image_bytes) if data.test else None))
-    result = evaluate_tasks(method, sets, accelerator, options.batch_size, options.workers, progress)
+    result = evaluate_tasks(method, sets, accelerator, options.batch_size, options.workers, progress,
+                            cache=FrozenFeatureCache.for_workspace(workspace.path))
     record.accuracy = TaskAccuracy(result.per_task[-1], result.accuracy, result.per_task, result.task_id_accuracy,
                                    result.encoder_passes_per_image, result.within_task_per_task)
     record.timings.eval_s = round(time.perf_counter() - started, 3)
@@ -404,21 +430,27 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int) -> to
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs: int, batch_size: int, lr: float,
-                 workers: int, seed: int, progress: Progress, label: str = "", start: EpochState | None = None,
-                 on_epoch: Callable[[EpochState], None] | None = None) -> dict[str, float]:
+def train_method(method: Method, dataset: torch.utils.data.Dataset, accelerator: Any, epochs: int, batch_size: int,
+                 lr: float, workers: int, seed: int, progress: Progress, label: str = "",
+                 start: EpochState | None = None, on_epoch: Callable[[EpochState], None] | None = None
+                 ) -> dict[str, float]:
     """Optimise ``method.trainable_parameters()`` on ``dataset``; returns step count, wall time and images/s.
 
     ``label`` prefixes the progress stages (the method's training stage, for methods with several). ``start``
     continues from a checkpointed epoch (optimiser, schedule, data order and random state as they stood), and
-    ``on_epoch`` receives that state after every epoch, so a later run can continue from it."""
+    ``on_epoch`` receives that state after every epoch, so a later run can continue from it.
+
+    ``dataset`` is a :class:`~clipcl.imagecache.CachedTrainImages` (decoded once; its loader batches indices in this
+    process, and each epoch's augmentation, seeded by a draw from the data-order generator that the checkpoint saves,
+    makes the images on the device) or any dataset of ``(image tensor, label)`` items, decoded by ``workers``."""
     method.requires_grad_(False)
     params = method.trainable_parameters()
     for param in params:
         param.requires_grad_(True)
     if not params or epochs == 0:
         return {"steps": 0, "seconds": 0.0, "images_per_s": 0.0, "images": 0}
-    loader = make_loader(dataset, batch_size, workers, shuffle=True, seed=seed)
+    cached = isinstance(dataset, CachedTrainImages)
+    loader = make_loader(dataset, batch_size, 0 if cached else workers, shuffle=True, seed=seed)
     generator = loader.generator
     optimizer = torch.optim.AdamW(params, lr=lr * method.learning_rate_scale(), weight_decay=0.0)
     total_steps = epochs * len(loader)
@@ -439,7 +471,11 @@ def train_method(method: Method, dataset: ImageDataset, accelerator: Any, epochs
     try:
         for epoch in range(first_epoch, epochs):
             progress.stage_start(f"{label}epoch {epoch + 1}/{epochs}", len(loader))
+            augment = (dataset.epoch_augmenter(generator, accelerator.process_index, accelerator.device)
+                       if cached else None)
             for images, labels in loader:
+                if augment is not None:
+                    images = augment(images)  # the batch's indices -> its augmented images
                 loss = model(images, labels)
                 if not torch.isfinite(loss):
                     raise ClipclError(f"training diverged (loss {loss.item()}) in epoch {epoch + 1}: try a lower --lr")

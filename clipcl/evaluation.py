@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .data import ImageDataset, ImageItem
+from .feature_cache import CacheEntry, FrozenFeatureCache
 from .methods import Method, Route, TaskInfo
 from .reading import DEFAULT_MAX_IMAGE_BYTES
 from .records import TaskRecord
@@ -31,16 +32,82 @@ class DatasetPrediction:
     encoder_passes: torch.Tensor  # [images], float
 
 
+class _Numbered(torch.utils.data.Dataset):
+    """A dataset's items with their index in front, so that a batch (shuffled across processes or not) knows which
+    rows of the dataset's frozen features are its own."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[int, Any, Any]:
+        return (index, *self.dataset[index])
+
+
+def _kept_everywhere(accelerator: Any, kept: torch.Tensor | None) -> torch.Tensor | None:
+    """``kept`` where every process found the features in the cache, else ``None`` in all: the processes then
+    compute and gather them together (a collective that every process must enter)."""
+    if accelerator.num_processes == 1:
+        return kept
+    found = torch.tensor([kept is not None], device=accelerator.device)
+    return kept if bool(accelerator.gather(found).all()) else None
+
+
+def _frozen_of(method: Method, images: torch.Tensor, indices: torch.Tensor, kept: torch.Tensor | None,
+               computed: list[tuple[torch.Tensor, torch.Tensor]], accelerator: Any) -> torch.Tensor:
+    """The batch's frozen features (``indices``: its images' places in the dataset): the kept rows, or computed now
+    and gathered, with their places, for the cache."""
+    if kept is not None:
+        return kept[indices.cpu()].to(method.device)
+    frozen = method.frozen_features(images)
+    gathered_indices, gathered = accelerator.gather_for_metrics((indices, frozen.float()))
+    computed.append((gathered_indices.cpu(), gathered.cpu()))
+    return frozen
+
+
+def _store_computed(cache: FrozenFeatureCache, entry: CacheEntry, computed: list[tuple[torch.Tensor, torch.Tensor]],
+                    accelerator: Any) -> None:
+    """Put the features computed batch by batch back in the dataset's order and keep them (main process only)."""
+    if not computed or not accelerator.is_main_process:
+        return
+    indices = torch.cat([i for i, _ in computed])
+    features = torch.cat([f for _, f in computed])
+    full = torch.zeros((entry.count, *features.shape[1:]), dtype=torch.float32)
+    filled = torch.zeros(entry.count, dtype=torch.bool)
+    full[indices] = features
+    filled[indices] = True
+    if bool(filled.all()):
+        cache.store(entry, full)
+
+
 @torch.no_grad()
 def predict_dataset(method: Method, dataset: torch.utils.data.Dataset, accelerator: Any, batch_size: int,
-                    workers: int, progress: Progress | None = None, route: Route = None) -> DatasetPrediction:
-    """Predict every image of ``dataset`` with ``method`` (gathered across processes), in inference mode."""
+                    workers: int, progress: Progress | None = None, route: Route = None,
+                    cache: FrozenFeatureCache | None = None, cache_name: str | None = None) -> DatasetPrediction:
+    """Predict every image of ``dataset`` with ``method`` (gathered across processes), in inference mode.
+
+    With ``cache`` and ``cache_name`` (e.g. ``task-001``), the method's frozen features of the dataset
+    (:meth:`~clipcl.methods.Method.frozen_features`) are taken from the cache when an earlier evaluation kept them
+    for these very images and this setting, and kept there otherwise (:mod:`clipcl.feature_cache`): the answer is
+    the same, and only the passes that depend on the tasks run."""
     method.eval()
-    loader = accelerator.prepare(make_loader(dataset, batch_size, workers))
+    entry = cache.entry(method, dataset, accelerator, cache_name) if cache is not None and cache_name else None
+    kept = _kept_everywhere(accelerator, cache.load(entry)) if cache is not None and entry is not None else None
+    computed: list[tuple[torch.Tensor, torch.Tensor]] = []
+    loader = accelerator.prepare(make_loader(_Numbered(dataset) if entry is not None else dataset, batch_size,
+                                             workers))
     probs, labels, task_scores, passes = [], [], [], []
-    for images, batch_labels in loader:
+    for batch in loader:
+        indices, images, batch_labels = batch if entry is not None else (None, *batch)
+        images = images.to(method.device)
         with accelerator.autocast():
-            prediction = method.predict(images.to(method.device), route=route)
+            if indices is None:
+                prediction = method.predict(images, route=route)
+            else:
+                frozen = _frozen_of(method, images, indices, kept, computed, accelerator)
+                prediction = method.predict(images, route=route, frozen=frozen)
         rows = len(batch_labels)
         per_image = (prediction.encoder_passes if prediction.encoder_passes is not None else rows) / max(rows, 1)
         gathered = accelerator.gather_for_metrics(
@@ -53,6 +120,8 @@ def predict_dataset(method: Method, dataset: torch.utils.data.Dataset, accelerat
             task_scores.append(gathered[3].cpu())
         if progress is not None:
             progress.stage_advance(1)
+    if cache is not None and entry is not None:
+        _store_computed(cache, entry, computed, accelerator)
     if not probs:
         return DatasetPrediction(torch.empty(0, len(method.classes)), torch.empty(0, dtype=torch.long), None,
                                  torch.empty(0))
@@ -97,8 +166,11 @@ def _share(hits: int, total: int) -> float | None:
 
 
 def evaluate_tasks(method: Method, sets: Sequence[tuple[TaskInfo, ImageDataset | None]], accelerator: Any,
-                   batch_size: int, workers: int, progress: Progress, route: Route = None) -> Evaluation:
-    """Evaluate ``method`` on each task's held-out set (``None``: images gone, warned about and left out)."""
+                   batch_size: int, workers: int, progress: Progress, route: Route = None,
+                   cache: FrozenFeatureCache | None = None) -> Evaluation:
+    """Evaluate ``method`` on each task's held-out set (``None``: images gone, warned about and left out); with
+    ``cache``, each task's frozen features are computed once and reused by every later evaluation
+    (:func:`predict_dataset`)."""
     per_task: list[float | None] = []
     images: list[int] = []
     task_id: list[float | None] = []
@@ -116,7 +188,8 @@ def evaluate_tasks(method: Method, sets: Sequence[tuple[TaskInfo, ImageDataset |
             task_id.append(None)
             within.append(None)
             continue
-        result = predict_dataset(method, dataset, accelerator, batch_size, workers, progress, route)
+        result = predict_dataset(method, dataset, accelerator, batch_size, workers, progress, route, cache,
+                                 f"task-{task.index:03d}")
         labels = result.labels
         correct = int((result.probs.argmax(dim=1) == labels).sum())
         per_task.append(_share(correct, len(labels)))
@@ -132,7 +205,8 @@ def evaluate_tasks(method: Method, sets: Sequence[tuple[TaskInfo, ImageDataset |
         if result.task_scores is None:
             task_id.append(None)
         else:
-            routed = int((result.task_scores.argmax(dim=1) == task.index - 1).sum())
+            own = [t.index for t in method.tasks].index(task.index)  # its column: numbers may skip a removed task
+            routed = int((result.task_scores.argmax(dim=1) == own).sum())
             task_id.append(_share(routed, len(labels)))
             routed_total += routed
     progress.stage_end()

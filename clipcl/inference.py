@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader
 from .data import IMAGE_SUFFIXES, list_images, load_image_checked, why_unreadable
 from .errors import ClipclError
 from .evaluation import Evaluation, evaluate_tasks, heldout_dataset
+from .feature_cache import FrozenFeatureCache
+from .history import AccuracyHistory, accuracy_history
 from .methods import Method, Route, build_config, check_inference_overrides, get_method_class, parse_route
 from .methods.base import check_route_supported
 from .metrics import ContinualMetrics, continual_metrics
@@ -95,9 +97,10 @@ class EvalReport:
     tasks: list[StoredTask]
     evaluation: Evaluation
     route: Route
-    matrix: list[list[float | None]]
+    matrix: list[list[float | None]]  # over the tasks held now (history.current())
     metrics: ContinualMetrics
     is_main_process: bool = True
+    history: AccuracyHistory | None = None  # the stored matrix over every task ever learned, removed ones marked
 
     @property
     def within_task_accuracy(self) -> float | None:
@@ -129,14 +132,19 @@ class EvalReport:
             "last": self.metrics.last,
             "forgetting": self.metrics.forgetting,
             "bwt": self.metrics.bwt,
+            "removed_tasks": [{"task": r.id, "name": r.name, "classes": r.classes, "removed_at": r.removed_at}
+                              for r in self.workspace.removed_tasks],
+            "history": None if self.history is None else self.history.to_json(),
         }
 
 
 def evaluate(workspace_path: Path | str, tasks: str = "all", route: int | str | None = None, batch_size: int = 64,
              workers: int = 0, precision: str = "fp32", progress: Progress | None = None,
-             options: dict[str, str] | None = None) -> EvalReport:
+             options: dict[str, str] | None = None, feature_cache: bool = True) -> EvalReport:
     """Evaluate the workspace on the held-out images of ``tasks``, predicting over every class learned so far;
-    ``options`` override the method's inference options for this evaluation (nothing is stored)."""
+    ``options`` override the method's inference options for this evaluation (nothing is stored). The frozen
+    features of the held-out images are taken from, and kept in, the workspace's cache folder
+    (:mod:`clipcl.feature_cache`; ``feature_cache=False``: computed afresh and not kept), with the same answer."""
     progress = progress or Progress()
     workspace = Workspace.open(workspace_path)
     chosen = select_tasks(workspace, tasks)
@@ -144,13 +152,15 @@ def evaluate(workspace_path: Path | str, tasks: str = "all", route: int | str | 
     _check_options(workspace, options)
     check_loader_options(batch_size, workers)
     records = {t.info.index: workspace.task_record(t) for t in workspace.tasks}  # each task.json read once
-    matrix, sizes = stored_matrix(list(records.values()))
+    history = accuracy_history(workspace, records)  # rows and columns of removed tasks marked, not misaligned
+    matrix, sizes = history.current()
     accelerator = make_accelerator(precision)
     method = workspace.build_method(device=accelerator.device, overrides=options)
     sets = [(t.info, heldout_dataset(method, t.info, records[t.info.index])) for t in chosen]
-    evaluation = evaluate_tasks(method, sets, accelerator, batch_size, workers, progress, route=route)
+    cache = FrozenFeatureCache.for_workspace(workspace.path) if feature_cache else None
+    evaluation = evaluate_tasks(method, sets, accelerator, batch_size, workers, progress, route=route, cache=cache)
     return EvalReport(workspace, chosen, evaluation, route, matrix, continual_metrics(matrix, sizes),
-                      accelerator.is_main_process)
+                      accelerator.is_main_process, history)
 
 
 # --- prediction -----------------------------------------------------------------------------------------------------

@@ -15,6 +15,19 @@ from typing import Any
 RECORD_FORMAT_VERSION = 1  # the workspace format these records belong to
 
 
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task as a method sees it: its number (from 1), its classes and the global index of its first class."""
+
+    index: int
+    classes: tuple[str, ...]
+    offset: int
+
+    @property
+    def class_slice(self) -> slice:
+        return slice(self.offset, self.offset + len(self.classes))
+
+
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """The entries of ``data`` that are fields of dataclass ``cls`` (a later clipcl may have written more)."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -165,6 +178,38 @@ class TaskRecord:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a task record: {type(exc).__name__} {exc}") from exc
+
+
+@dataclass
+class RemovedTask:
+    """A task taken out of a workspace (``clipcl remove-task``), as the manifest's ``removed`` list keeps it.
+
+    Its folder is deleted; what stays is what the history needs: which task it was and when, and its row of the
+    accuracy matrix, so ``clipcl eval`` still shows the matrix as it was measured. ``next_task`` is the number the
+    next task would have got at the removal: the tasks numbered from it on were learned after it, without it."""
+
+    id: int
+    name: str
+    classes: list[str]
+    created_at: str
+    removed_at: str
+    next_task: int
+    heldout_images: int | None = None  # None: its task.json could not be read at the removal
+    accuracy: list[float | None] | None = None  # its stored row A[i][*] (TaskAccuracy.per_task); None: not measured
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RemovedTask:
+        """Raises ``ValueError`` for an entry that is not a removed task."""
+        try:
+            removed = cls(**_known(cls, data))
+            removed.id, removed.next_task = int(removed.id), int(removed.next_task)
+            removed.classes = [str(name) for name in removed.classes]
+            return removed
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"not a removed task: {exc}") from exc
 
 
 @dataclass

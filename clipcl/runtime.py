@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Any
-
-import torch
-from torch.utils.data import DataLoader
+from typing import TYPE_CHECKING, Any
 
 from .errors import ClipclError
 from .reading import MIB
 from .version import __version__
+
+if TYPE_CHECKING:  # the CLI reads this module's settings before it knows whether a model will run
+    import torch
+    from torch.utils.data import DataLoader
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -45,6 +46,7 @@ class Progress:
 
 
 def make_accelerator(precision: str) -> Any:
+    import torch
     from accelerate import Accelerator
 
     if precision not in PRECISIONS:
@@ -90,6 +92,9 @@ def library_versions() -> dict[str, str]:
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, shuffle: bool = False,
                 seed: int = 0) -> DataLoader:
     """A loader over ``dataset``; shuffled by its own seeded generator, so its order can be checkpointed."""
+    import torch
+    from torch.utils.data import DataLoader
+
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
                       persistent_workers=False, pin_memory=torch.cuda.is_available())

@@ -13,16 +13,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
+from typing import TYPE_CHECKING, Any
 
 from .errors import WorkspaceError
 from .failpoints import failpoint
 from .reading import MAX_JSON_BYTES, InputError, parse_json_bounded, read_bounded
+
+if TYPE_CHECKING:  # torch and safetensors load with the first tensor read or written, not with `clipcl tasks`
+    import torch
 
 TEMP_PREFIX = ".tmp-"
 MAX_TENSOR_FILE_BYTES = 64 << 30  # far above any task's adapters and statistics; a bound on a replaced file
@@ -100,8 +98,10 @@ def sha256_bytes(data: bytes) -> str:
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """Serialise tensors as safetensors bytes (contiguous CPU copies, so views and GPU tensors are fine)."""
+    from safetensors.torch import save
+
     prepared = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    return save_safetensors_bytes(prepared, metadata=metadata)
+    return save(prepared, metadata=metadata)
 
 
 def read_verified(path: Path, expected_sha256: str | None, limit: int = MAX_TENSOR_FILE_BYTES) -> bytes:
@@ -115,9 +115,12 @@ def read_verified(path: Path, expected_sha256: str | None, limit: int = MAX_TENS
 
 def load_tensor_file(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
     """Load a stored safetensors file after checking it against its recorded checksum."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
     data = read_verified(path, expected_sha256)
     try:
-        return load_safetensors_bytes(data)
+        return load(data)
     except (SafetensorError, ValueError) as exc:
         raise WorkspaceError(f"corrupt tensor file {path}: {exc}") from exc
 

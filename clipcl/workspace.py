@@ -16,6 +16,10 @@ replacing ``manifest.json`` atomically. Until that last rename the manifest name
 anywhere leaves the previous workspace loadable and unchanged; leftovers are removed by the next writer. The first
 commit records the fingerprint of the base weights the adapters were trained on (the caller passes it); every later
 load is checked against it.
+
+A task is removed (:func:`remove_task`, methods whose tasks are independent only) the other way round: the manifest
+without it, listing it under ``removed`` (:class:`~clipcl.records.RemovedTask`), replaces the old one, and only then
+is its folder deleted. Task numbers are never given twice, so after a removal they may skip one.
 """
 
 from __future__ import annotations
@@ -33,16 +37,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .backbone import ModelSpec, load_backbone
 from .errors import WorkspaceError
 from .failpoints import failpoint
-from .methods import Method, TaskInfo, build_config, check_inference_overrides, get_method_class
+from .modelspec import ModelSpec
 from .reading import MAX_JSON_BYTES
-from .records import TaskRecord, TensorFile
+from .records import RemovedTask, TaskInfo, TaskRecord, TensorFile
 from .storage import (
     TEMP_PREFIX,
     atomic_write_json,
@@ -58,6 +59,11 @@ from .storage import (
 )
 from .version import __version__
 
+if TYPE_CHECKING:  # reading a workspace (`clipcl tasks`) needs neither torch nor the methods; loading one does
+    import torch
+
+    from .methods import Method
+
 FORMAT_NAME = "clipcl-workspace"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -70,6 +76,7 @@ MAX_TASK_NAME_LENGTH = 100
 TASK_DIR_PATTERN = re.compile(r"task-\d{3,}")
 WEIGHTS_KEY = "weights_sha256"
 REQUIRED_MANIFEST_KEYS = ("model", "method", "classes", "tasks")
+REMOVED_KEY = "removed"  # tasks taken out by remove-task (records.RemovedTask); absent in older manifests: none
 
 
 def now_iso() -> str:
@@ -122,8 +129,12 @@ class Workspace:
 
     # --- opening and creating -------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: Path | str, spec: ModelSpec, method: str, options: dict[str, str] | None = None
-               ) -> Workspace:
+    def create(cls, path: Path | str, spec: ModelSpec, method: str, options: dict[str, str] | None = None,
+               check_model: bool = True) -> Workspace:
+        """Create the workspace after checking everything that could make its first ``add-task`` fail late: the
+        folder, the method and its options, and (``check_model``) that the base model loads, downloading its
+        weights once where needed; the weights' fingerprint is recorded, so a later load of other weights is
+        refused. Nothing is written before all of that passed."""
         path = Path(path).expanduser()
         if (path / MANIFEST).exists():
             raise WorkspaceError(f"a workspace already exists at {path}")
@@ -131,8 +142,11 @@ class Workspace:
             raise WorkspaceError(f"{path} exists and is not a folder")
         if path.is_dir() and any(not _is_init_leftover(p) for p in path.iterdir()):
             raise WorkspaceError(f"{path} is not empty: choose a new folder for the workspace")
+        from .methods import build_config, get_method_class
+
         method_class = get_method_class(method)
         config = build_config(method_class, options)
+        fingerprint = _loaded_weights_fingerprint(spec) if check_model else None
         path.mkdir(parents=True, exist_ok=True)
         if spec.config is not None:
             (path / "model").mkdir(exist_ok=True)
@@ -145,7 +159,7 @@ class Workspace:
             "clipcl_version": __version__,
             "created_at": now_iso(),
             "updated_at": now_iso(),
-            "model": spec.to_json(),
+            "model": {**spec.to_json(), **({WEIGHTS_KEY: fingerprint} if fingerprint else {})},
             "method": {"name": method, "config": dataclasses.asdict(config)},
             "classes": [],
             "tasks": [],
@@ -197,6 +211,38 @@ class Workspace:
             tasks.append(StoredTask(info, entry["name"], entry["dir"], dict(entry["files"]), entry["created_at"]))
         return tasks
 
+    @property
+    def removed_tasks(self) -> list[RemovedTask]:
+        """The tasks taken out by ``clipcl remove-task``, in the order they were removed (a manifest written before
+        removal existed has none)."""
+        entries = self.manifest.get(REMOVED_KEY, [])
+        try:
+            if not isinstance(entries, list):
+                raise ValueError("not a list")
+            return [RemovedTask.from_json(entry) for entry in entries]
+        except (TypeError, ValueError) as exc:
+            raise WorkspaceError(f"{self.path / MANIFEST} has a damaged list of removed tasks: {exc}") from exc
+
+    def find_task(self, key: str | int) -> StoredTask:
+        """The task named by ``key``: its number or its name. A key that is one task's number and another's name is
+        refused as ambiguous, and a removed task is named as such."""
+        text = str(key).strip()
+        tasks = self.tasks
+        by_number = [t for t in tasks if text.isdigit() and t.info.index == int(text)]
+        by_name = [t for t in tasks if t.name == text]
+        found = {t.info.index: t for t in (*by_number, *by_name)}
+        if len(found) > 1:
+            raise WorkspaceError(f"{text!r} is task {by_number[0].info.index}'s number and task "
+                                 f"{by_name[0].info.index}'s name: name the task by its other key")
+        if found:
+            return next(iter(found.values()))
+        gone = [r for r in self.removed_tasks if (text.isdigit() and r.id == int(text)) or r.name == text]
+        if gone:
+            raise WorkspaceError(f"task {gone[-1].id} ({gone[-1].name}) was removed from {self.path} at "
+                                 f"{gone[-1].removed_at}")
+        known = ", ".join(f"{t.info.index} ({t.name})" for t in tasks) or "none"
+        raise WorkspaceError(f"no task {text!r} in {self.path} (tasks: {known})")
+
     def task_path(self, task: StoredTask) -> Path:
         target = (self.path / task.dir).resolve()
         if self.path.resolve() not in target.parents:
@@ -218,6 +264,9 @@ class Workspace:
     def build_method(self, device: str | torch.device = "cpu", overrides: dict[str, str] | None = None) -> Method:
         """Load the base model and the method with every stored task restored; ``overrides`` change the method's
         inference options (``Method.inference_options``) for this load only, never what is stored."""
+        from .backbone import load_backbone
+        from .methods import build_config, check_inference_overrides, get_method_class
+
         method_class = get_method_class(self.method_name)
         check_inference_overrides(method_class, overrides)
         config = build_config(method_class, overrides, stored=self.method_config)
@@ -289,7 +338,10 @@ class Workspace:
                     _remove(entry)
 
     def next_task_index(self) -> int:
-        return len(self.manifest["tasks"]) + 1
+        """The next task's number: one past every number given so far, a removed task's included (numbers are never
+        given twice, so a number always names the same task in the history, the folders and the caches)."""
+        given = [entry["id"] for entry in self.manifest["tasks"]] + [r.id for r in self.removed_tasks]
+        return max(given, default=0) + 1
 
     def commit_task(self, info: TaskInfo, record: TaskRecord, tensors: dict[str, torch.Tensor],
                     weights_fingerprint: str) -> StoredTask:
@@ -333,6 +385,116 @@ class Workspace:
         atomic_write_json(self.path / MANIFEST, manifest)
         self.manifest = manifest
         return stored
+
+    def commit_removal(self, task: StoredTask) -> RemovedTask:
+        """Take ``task`` and its classes out of the manifest (call inside :meth:`writing`), then delete its folder.
+
+        The new manifest (without the task, with it added to the ``removed`` list) replaces the old one atomically,
+        so a crash leaves either state; the folder is deleted only after that, and a crash before it leaves a folder
+        that no manifest names, removed by the next writer. The other tasks keep their numbers, names and files.
+        Whatever a method pools over tasks must be recomputed at restore from each task's own share (the methods
+        that declare :attr:`~clipcl.methods.Method.independent_tasks`), so nothing of another task is rewritten."""
+        folder = self.task_path(task)  # refuses a folder outside the workspace before anything changes
+        try:  # the row of the accuracy matrix stays in the history; a damaged task.json must not block its removal
+            record = self.task_record(task)
+            heldout, accuracy = record.heldout_images, record.accuracy
+        except WorkspaceError:
+            heldout, accuracy = None, None
+        removed = RemovedTask(id=task.info.index, name=task.name, classes=list(task.info.classes),
+                              created_at=task.created_at, removed_at=now_iso(), next_task=self.next_task_index(),
+                              heldout_images=heldout, accuracy=None if accuracy is None else list(accuracy.per_task))
+        manifest = dict(self.manifest)
+        manifest["tasks"] = [entry for entry in manifest["tasks"] if entry["id"] != task.info.index]
+        manifest["classes"] = [entry for entry in manifest["classes"] if entry["task"] != task.info.index]
+        manifest[REMOVED_KEY] = [*(r.to_json() for r in self.removed_tasks), removed.to_json()]
+        manifest["updated_at"] = removed.removed_at
+        failpoint("remove")
+        atomic_write_json(self.path / MANIFEST, manifest)
+        self.manifest = manifest
+        failpoint("removed")
+        _remove(self.path / task.dir)  # a link is unlinked, never followed
+        fsync_dir(folder.parent)
+        return removed
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What :func:`remove_task` did: the task it took out, the tasks left, and whether it dropped the checkpoint of
+    an interrupted ``add-task`` (which trained with the removed task present, so it cannot be continued)."""
+
+    removed: RemovedTask
+    tasks: list[StoredTask]
+    discarded_checkpoint: bool
+
+
+def check_tasks_independent(method_name: str) -> None:
+    """Refuse to remove a task of a method whose later tasks were trained on top of earlier ones
+    (:attr:`~clipcl.methods.Method.independent_tasks`): none of its stored states is the one without that task."""
+    from .errors import ClipclError
+    from .methods import available_methods, get_method_class
+
+    if not get_method_class(method_name).independent_tasks:
+        able = ", ".join(name for name, cls in available_methods().items() if cls.independent_tasks)
+        raise ClipclError(f"method {method_name} cannot remove a task: its later tasks were trained on top of "
+                          f"earlier ones, so no stored state is the one without it (methods that can: {able})")
+
+
+def remove_task(workspace_path: Path | str, task: str | int, wait: float = 0.0,
+                on_wait: Callable[[str], None] | None = None) -> Removal:
+    """Take a task (its number or name) and its classes out of a workspace, as if it had never been learned.
+
+    Only for methods whose tasks are independent of each other (:func:`check_tasks_independent`): the workspace
+    then predicts exactly as one that learned the other tasks alone would, pooled statistics included (they are
+    recomputed from the remaining tasks' shares whenever the workspace is loaded). The task's folder, and the
+    frozen features of its held-out images kept in ``cache/``, are deleted after the commit
+    (:meth:`Workspace.commit_removal`); its row of the accuracy matrix stays in the manifest's history. Later
+    tasks keep their numbers, and no number is given again. Waits up to ``wait`` seconds for another writer."""
+    from .checkpoint import Checkpoint
+
+    workspace = Workspace.open(workspace_path)
+    check_tasks_independent(workspace.method_name)
+    with workspace.writing(wait=wait, on_wait=on_wait):
+        stored = workspace.find_task(task)
+        try:
+            pending = Checkpoint.peek(workspace.path) is not None
+        except WorkspaceError:
+            pending = True  # damaged: add-task would discard it too
+        # before the commit, so that a crash after it leaves neither: a checkpoint that would resume a run trained
+        # with the task present, nor features of its images (the folder is the next writer's debris). Once more
+        # after it, for features an evaluation holding the previous state may have kept in between.
+        if pending:
+            Checkpoint.discard(workspace.path)
+        _forget_cached_features(workspace.path, stored.info.index)
+        removed = workspace.commit_removal(stored)
+        _forget_cached_features(workspace.path, removed.id)
+    return Removal(removed, workspace.tasks, pending)
+
+
+def _forget_cached_features(path: Path, index: int) -> None:
+    """Delete the frozen features of task ``index``'s held-out images that evaluations kept
+    (:mod:`clipcl.feature_cache`): they were computed from the removed task's images."""
+    from .feature_cache import FEATURES_DIR
+
+    folder = path / FEATURES_DIR
+    if folder.is_dir():
+        for entry in folder.glob(f"task-{index:03d}-*"):
+            _remove(entry)
+
+
+def _loaded_weights_fingerprint(spec: ModelSpec) -> str:
+    """Load ``spec``'s model once (refusing at once weights that would have to be downloaded and cannot be) and
+    return the fingerprint of its weights."""
+    import tempfile
+
+    from .backbone import load_backbone
+    from .hub import check_weights_reachable
+    from .storage import to_json_bytes
+
+    check_weights_reachable(spec)
+    with tempfile.TemporaryDirectory(prefix="clipcl-init-") as config_dir:
+        if spec.config is not None:
+            (Path(config_dir) / f"{spec.name}.json").write_bytes(to_json_bytes(spec.config))
+        return load_backbone(spec, Path(config_dir)).weights_fingerprint
 
 
 def _remove(path: Path) -> None:

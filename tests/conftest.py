@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,16 @@ COLOURS = {
     "magenta": (210, 30, 210),
     "cyan": (30, 210, 210),
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """clipcl's per-user cache (weights fingerprints, clipcl.fingerprint_cache) in a folder of the test session,
+    for this process and the ones it starts: never the user's own."""
+    folder = tmp_path_factory.mktemp("user-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLIPCL_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")
@@ -105,8 +115,10 @@ def workspace(tmp_path: Path, tiny_config: Path, tiny_weights: Path, runner: Cli
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file below ``folder`` with its bytes: equal snapshots mean an unchanged workspace."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file below ``folder`` with its bytes, but for a workspace's ``cache/`` (kept to save work, recomputed
+    when missing, never part of the committed state): equal snapshots mean an unchanged workspace."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).parts[0] != "cache"}
 
 
 PYTHON = sys.executable

@@ -90,6 +90,26 @@ def test_probabilities_cover_every_class_and_sum_to_one(learned: Learned) -> Non
     assert torch.equal(method.predict_proba(images), method.predict(images).probs)
 
 
+def test_frozen_features_handed_back_give_the_same_answer(learned: Learned) -> None:
+    """A method that declares a frozen part (kept by the evaluation between runs, clipcl.feature_cache) answers the
+    same when handed it as when it computes it, and the part does not depend on the tasks learned."""
+    workspace = Workspace.open(learned.workspace)
+    method = workspace.build_method()
+    if method.frozen_features_key() is None:
+        pytest.skip(f"{learned.method} declares no frozen features")
+    images = torch.stack([heldout_dataset(method, t.info, workspace.task_record(t))[0][0] for t in workspace.tasks])
+    frozen = method.frozen_features(images)
+    assert frozen.dtype == torch.float32 and frozen.shape[0] == len(images)
+    plain, handed = method.predict(images), method.predict(images, frozen=frozen.clone())
+    torch.testing.assert_close(handed.probs, plain.probs)
+    assert handed.encoder_passes == plain.encoder_passes
+    method_class = get_method_class(learned.method)
+    first_only = method_class(load_backbone(workspace.model_spec, workspace.path / "model"),
+                              build_config(method_class, stored=workspace.method_config))
+    first_only.restore(workspace.tasks[0].info, workspace.task_tensors(workspace.tasks[0]))
+    torch.testing.assert_close(first_only.eval().frozen_features(images), frozen)  # what task 2 learned: no matter
+
+
 class Interrupted(Exception):
     """Stands for a kill: raised at an epoch's end, after its checkpoint was written."""
 

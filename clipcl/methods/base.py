@@ -33,20 +33,8 @@ from torch import nn
 
 from ..backbone import Backbone
 from ..errors import ClipclError
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """A task as a method sees it: its number (from 1), its classes and the global index of its first class."""
-
-    index: int
-    classes: tuple[str, ...]
-    offset: int
-
-    @property
-    def class_slice(self) -> slice:
-        return slice(self.offset, self.offset + len(self.classes))
-
+from ..records import TaskInfo
+from .catalog import BUILTIN_METHODS, ENTRY_POINT_GROUP
 
 ROUTE_ALL = "all"
 Route = int | str | None  # K tasks' modules per image, ROUTE_ALL for every task's, None for the method's default
@@ -81,7 +69,8 @@ class Prediction:
     ``probs``: ``[batch, classes]`` over every class learned so far (rows sum to 1). ``task_scores``: ``[batch, tasks]``
     from methods that route by task (how strongly each image belongs to each task); ``None`` otherwise.
     ``encoder_passes``: how many images the image encoder encoded for this batch, counting an image once per pass
-    (``None``: one pass per image).
+    (``None``: one pass per image). It is what answering costs: frozen features handed in (``predict(frozen=...)``)
+    count as the pass that made them, so the figure does not depend on what an evaluation found in its cache.
     """
 
     probs: torch.Tensor
@@ -198,6 +187,11 @@ class Method(PerTaskBuffers, ABC):
     stages: ClassVar[tuple[str, ...]] = ("training",)  # training stages of each task, in order (see begin_stage)
     # options that only change how stored tasks are used, so `eval` and `predict` may override them (--set)
     inference_options: ClassVar[tuple[str, ...]] = ()
+    # True where no task's stored tensors depend on another task's: restoring any subset of the stored tasks, in
+    # order, gives the method a workspace that learned only those would have (anything pooled over tasks, like lda's
+    # covariance, is recomputed at restore from each task's own share), so `clipcl remove-task` may drop one.
+    # False where later tasks were trained on top of earlier ones (shared adapters, prompts or statistics).
+    independent_tasks: ClassVar[bool] = False
 
     @classmethod
     def default_training(cls, config: MethodConfig) -> tuple[int, float]:
@@ -220,10 +214,11 @@ class Method(PerTaskBuffers, ABC):
 
     # --- the life cycle, as the engine and the workspace drive it ------------------------------------------------
     def _add(self, task: TaskInfo) -> None:
-        expected = len(self.tasks) + 1
-        if task.index != expected or task.offset != len(self.classes):
-            raise ValueError(f"task {task.index} (first class {task.offset}) added where task {expected} "
-                             f"(first class {len(self.classes)}) belongs")
+        # numbers rise but may skip one: a task removed from a workspace (clipcl remove-task) keeps its number
+        after = self.tasks[-1].index if self.tasks else 0
+        if task.index <= after or task.offset != len(self.classes):
+            raise ValueError(f"task {task.index} (first class {task.offset}) added after task {after} "
+                             f"(next first class {len(self.classes)}): tasks are added in order")
         self.tasks.append(task)
         self._inference_text = None
 
@@ -305,15 +300,41 @@ class Method(PerTaskBuffers, ABC):
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``[batch, len(self.classes)]`` (rows sum to 1)."""
 
-    def predict(self, images: torch.Tensor, route: Route = None) -> Prediction:
+    def predict(self, images: torch.Tensor, route: Route = None, frozen: torch.Tensor | None = None) -> Prediction:
         """Probabilities over every class learned so far; methods that route by task (:attr:`routes_tasks`) run only
-        the ``route`` best tasks' modules for each image (``None``: the method's default; ``"all"``: every task's)."""
+        the ``route`` best tasks' modules for each image (``None``: the method's default; ``"all"``: every task's).
+
+        ``frozen``: :meth:`frozen_features` of these ``images``, computed earlier; passed only to a method whose
+        :meth:`frozen_features_key` names some, which then skips that part and answers exactly as without it."""
         check_route_supported(type(self), route)
         return Prediction(self.predict_proba(images))
+
+    # --- the frozen part of the answer (optional) ---------------------------------------------------------------
+    def frozen_features_key(self) -> str | None:
+        """What :meth:`frozen_features` computes, as a name, or ``None`` (the default): the answer has no part that
+        the frozen base model computes alone, and :meth:`predict` is only ever given images.
+
+        No task changes what the frozen model computes for an image, so the evaluation computes it once per held-out
+        image and keeps it for every later evaluation (:mod:`clipcl.feature_cache`, under this name, the base
+        weights' fingerprint, the preprocessing, the precision and the images' identity), leaving each evaluation
+        only the passes that depend on what the tasks learned. Name what is computed, not the method: two methods
+        that name the same key must compute the same tensor. A method whose frozen part depends on an option puts
+        the option's value in the name."""
+        return None
+
+    def frozen_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``[batch, ...]`` float32: the part of the answer for ``images`` that the frozen base model computes alone
+        and no task changes (called only where :meth:`frozen_features_key` names one); :meth:`predict` accepts it
+        back as ``frozen``."""
+        raise NotImplementedError(f"method {self.name} declares no frozen features")
 
     def task_metadata(self, task: TaskInfo) -> dict[str, Any]:
         """Extra facts about a task worth recording in its ``task.json`` (sizes, frozen experts, ...)."""
         return {}
+
+
+# Method.frozen_features_key of the methods whose frozen part is the frozen model's normalised image embedding
+FROZEN_IMAGE_EMBEDDING = "image-embedding"
 
 
 @torch.no_grad()
@@ -407,10 +428,14 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def available_methods() -> dict[str, type[Method]]:
-    """Registered methods: clipcl's own plus any installed under the ``clipcl.methods`` entry-point group."""
+    """Registered methods: clipcl's own (imported here, on first need) plus any installed under the
+    ``clipcl.methods`` entry-point group."""
+    import importlib
     from importlib.metadata import entry_points
 
-    for entry in entry_points(group="clipcl.methods"):
+    for module in {entry.module for entry in BUILTIN_METHODS.values()}:
+        importlib.import_module(module)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
         if entry.name not in _REGISTRY:
             entry.load()
     return dict(sorted(_REGISTRY.items()))

@@ -9,6 +9,7 @@ construction, and ``add-task`` takes one pass over the task's images.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,19 +18,50 @@ import torch
 
 from ..backbone import Backbone
 from .base import (
+    FROZEN_IMAGE_EMBEDDING,
     Method,
     MethodConfig,
+    Prediction,
+    Route,
     TaskInfo,
     TemplateConfig,
-    clip_probabilities,
+    check_route_supported,
     encode_task_images,
     image_class_means,
     register_method,
 )
+from .catalog import builtin_summary
 from .components import PooledGaussian, check_shrinkage, shrinkage_value
 
 CLASS_MEANS_KEY = "ncm.class_means"
 LDA_PREFIX = "lda."
+
+
+class FrozenFeatureClassifier(Method):
+    """A method whose whole answer is a function of the frozen model's image embedding (every baseline here).
+
+    That embedding is its :meth:`frozen_features`, so an evaluation that kept them from an earlier one answers
+    without any encoder pass (:mod:`clipcl.feature_cache`); a subclass says only how it scores the features.
+    """
+
+    def frozen_features_key(self) -> str:
+        return FROZEN_IMAGE_EMBEDDING
+
+    @torch.no_grad()
+    def frozen_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode_images(images).float()
+
+    @abstractmethod
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``[batch, len(self.classes)]`` of images with these frozen ``features``."""
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, route: Route = None, frozen: torch.Tensor | None = None) -> Prediction:
+        check_route_supported(type(self), route)
+        return Prediction(self.probabilities(self.frozen_features(images) if frozen is None else frozen))
+
+    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+        return self.predict(images).probs
 
 
 @dataclass
@@ -38,11 +70,12 @@ class ZeroShotConfig(TemplateConfig):
 
 
 @register_method
-class ZeroShot(Method):
+class ZeroShot(FrozenFeatureClassifier):
     name = "zeroshot"
     config_class = ZeroShotConfig
     default_epochs = 0
-    summary = "frozen CLIP with the prompt 'a photo of a {}.' (baseline, trains nothing)"
+    independent_tasks = True  # stores nothing but each task's class names
+    summary = builtin_summary("zeroshot")
 
     config: ZeroShotConfig
 
@@ -60,16 +93,18 @@ class ZeroShot(Method):
         return {}
 
     @torch.no_grad()
-    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """CLIP's softmax over the classes' prompts (:func:`~clipcl.methods.base.clip_probabilities`)."""
         text = self.kept_together("text_features", (t.index for t in self.tasks))
-        return clip_probabilities(self.backbone, images, text)
+        return (self.backbone.logit_scale().float() * features @ text.float().T).softmax(dim=-1)
 
 
 @register_method
-class NearestClassMean(Method):
+class NearestClassMean(FrozenFeatureClassifier):
     name = "ncm"
     default_epochs = 0
-    summary = "nearest class mean of frozen image features, 'SimpleCIL' (baseline, trains nothing)"
+    independent_tasks = True  # each task stores its own class means
+    summary = builtin_summary("ncm")
 
     def restore_task(self, task: TaskInfo, tensors: dict[str, torch.Tensor]) -> None:
         self.keep("class_means", task.index, tensors[CLASS_MEANS_KEY].to(self.device))
@@ -85,9 +120,8 @@ class NearestClassMean(Method):
         return {CLASS_MEANS_KEY: self.kept("class_means", self.tasks[-1].index)}
 
     @torch.no_grad()
-    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
         means = self.kept_together("class_means", (t.index for t in self.tasks))
-        features = self.backbone.encode_images(images).float()
         return (self.backbone.logit_scale().float() * features @ means.T).softmax(dim=-1)
 
 
@@ -102,7 +136,7 @@ class LDAConfig(MethodConfig):
 
 
 @register_method
-class LinearDiscriminant(Method):
+class LinearDiscriminant(FrozenFeatureClassifier):
     """Linear discriminant analysis on frozen image features, kept task by task.
 
     Each task stores its classes' mean frozen features, its within-class scatter and its image count
@@ -118,8 +152,8 @@ class LinearDiscriminant(Method):
     name = "lda"
     config_class = LDAConfig
     default_epochs = 0
-    summary = "class means of frozen image features with one covariance pooled over all tasks (baseline, trains "\
-              "nothing)"
+    independent_tasks = True  # each task stores its share of the covariance, pooled at restore
+    summary = builtin_summary("lda")
 
     config: LDAConfig
 
@@ -145,6 +179,5 @@ class LinearDiscriminant(Method):
         return {"shrinkage": round(self.gaussian.effective_shrinkage(), 6)}
 
     @torch.no_grad()
-    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.backbone.encode_images(images).float()
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
         return self.gaussian.log_likelihoods(features).softmax(dim=-1).float()

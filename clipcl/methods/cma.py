@@ -61,6 +61,7 @@ from .base import (
     clip_probabilities,
     register_method,
 )
+from .catalog import builtin_summary
 from .components import ClassPrompts, TextAnchors
 from .gaussian import STATS_CLASSES_KEY, GaussianBank, estimate
 from .losses import cross_entropy_over, distillation, relation_preservation, symmetric_image_text_contrastive
@@ -335,7 +336,7 @@ class CMA(Method):
     inference_options = ("classifier",)
     default_epochs = 1  # MoE-Adapters' one pass a task; workspaces made before it keep 5 (default_training)
     default_lr = 1e-3
-    summary = "mixture of bottleneck adapters routed per image, experts frozen per task, old/new calibration, KD"
+    summary = builtin_summary("cma")
 
     config: CMAConfig
 

@@ -63,6 +63,7 @@ class ImageLoRA(nn.Module):
         self._visual = [visual]  # the tower before peft wraps it; peft's wrapper (self.peft) registers it
         self.peft: PeftModel | None = None
         self.names: list[str] = []
+        self._layers: list[nn.Module] | None = None  # the LoRA layers, found once (select)
 
     def add(self, name: str) -> None:
         """Create adapter ``name`` (LoRA B at zero: the tower computes what it did) and make it the active one."""
@@ -72,6 +73,7 @@ class ImageLoRA(nn.Module):
             self.peft.add_adapter(name, self.lora_config)
         self.peft.to(next(self._visual[0].parameters()).device)
         self.names.append(name)
+        self._layers = None
         self.activate(name)
 
     def ensure(self, name: str) -> None:
@@ -82,6 +84,22 @@ class ImageLoRA(nn.Module):
     def activate(self, name: str) -> None:
         assert self.peft is not None
         self.peft.base_model.set_adapter(name)
+
+    def select(self, name: str) -> None:
+        """Make adapter ``name`` the one the LoRA layers run, for inference only: the model's record of its active
+        adapter and which adapters train are left as they were, so the caller gives them back with
+        :meth:`activate` when done. peft's switch (:meth:`activate`) walks every module of the model and sets every
+        adapter's ``requires_grad``: about 10 ms per switch for a small ViT on a CPU, up to T + 1 switches per batch
+        for ``dma``'s routing, a fifth of its prediction time at 10 tasks. This sets each LoRA layer's active
+        adapter, as peft's own switch does last (falling back to it for a peft whose layers keep it otherwise)."""
+        assert self.peft is not None
+        if self._layers is None:
+            self._layers = [m for m in self.peft.modules() if hasattr(m, "lora_A") and hasattr(m, "_active_adapter")]
+        if not self._layers or any(name not in layer.lora_A for layer in self._layers):
+            self.activate(name)
+            return
+        for layer in self._layers:
+            layer._active_adapter = [name]
 
     def parameters_of(self, name: str) -> list[nn.Parameter]:
         assert self.peft is not None
@@ -131,23 +149,25 @@ class ClassPrompts(PerTaskBuffers):
         self.n_tokens = n_tokens
         self.init_phrase = init_phrase
         self.contexts = nn.ParameterList()
+        self.indices: list[int] = []  # the task number of each context, in order (numbers may skip a removed task)
 
     def add(self, task: TaskInfo, tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Add ``task``'s classes, with the context stored in its tensors, or the initial one."""
-        if task.index != len(self.contexts) + 1:
+        if self.indices and task.index <= self.indices[-1]:
             raise ValueError(f"prompts of task {task.index} added out of order")
         context = None if tensors is None else tensors[CONTEXT_KEY]
         if context is None:
             context = initial_context(self.backbone, len(task.classes), self.n_tokens, self.init_phrase)
         device = self.backbone.token_embedding().weight.device
         self.contexts.append(nn.Parameter(context.to(device)))
+        self.indices.append(task.index)
         tokens = context_tokens(self.backbone, list(task.classes), self.n_tokens).to(device)
         self.keep("tokens", task.index, tokens)
         with torch.no_grad():
             self.keep("features", task.index, self.encode(task).detach())
 
     def context(self, task: TaskInfo) -> nn.Parameter:
-        return self.contexts[task.index - 1]
+        return self.contexts[self.indices.index(task.index)]
 
     def tensors(self, task: TaskInfo) -> dict[str, torch.Tensor]:
         """What a task's tensor file stores of its prompts."""
@@ -211,7 +231,7 @@ class PooledGaussian(PerTaskBuffers):
         super().__init__()
         self.prefix = prefix
         self.shrinkage = shrinkage
-        self.n_tasks = 0
+        self.indices: list[int] = []  # the tasks added, by number (rising; a removed task's number is skipped)
         self.classes_per_task: list[int] = []
         self._precision: tuple[tuple[int, torch.device], torch.Tensor] | None = None  # ((tasks, device), matrix)
 
@@ -219,6 +239,10 @@ class PooledGaussian(PerTaskBuffers):
         """Use another shrinkage from now on (the statistics are unchanged; the precision is recomputed)."""
         self.shrinkage = shrinkage
         self._precision = None
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.indices)
 
     @property
     def keys(self) -> tuple[str, str, str]:
@@ -243,7 +267,7 @@ class PooledGaussian(PerTaskBuffers):
 
     def add(self, task: TaskInfo, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         """Add a task's statistics (the dict :meth:`statistics` made, or its stored copy)."""
-        if task.index != self.n_tasks + 1:
+        if self.indices and task.index <= self.indices[-1]:
             raise ValueError(f"class statistics of task {task.index} added out of order")
         needed = [*self.keys, *((self.fourth_key,) if self.shrinkage is None else ())]
         missing = [key for key in needed if key not in tensors]
@@ -254,7 +278,7 @@ class PooledGaussian(PerTaskBuffers):
             if key in tensors:
                 self.keep(self._name(key), task.index, tensors[key].to(device))
         self.classes_per_task.append(int(tensors[self.keys[0]].shape[0]))
-        self.n_tasks += 1
+        self.indices.append(task.index)
         self._precision = None
 
     def _name(self, key: str) -> str:
@@ -272,7 +296,7 @@ class PooledGaussian(PerTaskBuffers):
         if self.shrinkage is not None:
             return self.shrinkage
         covariance, count = self.covariance(), self._count()
-        fourth = sum(float(self._kept(self.fourth_key, i)) for i in range(1, self.n_tasks + 1))
+        fourth = sum(float(self._kept(self.fourth_key, i)) for i in self.indices)
         dim = covariance.shape[0]
         mu = float(covariance.trace()) / dim
         squared = float((covariance * covariance).sum())
@@ -285,16 +309,16 @@ class PooledGaussian(PerTaskBuffers):
         return self._kept(self.keys[0], index)
 
     def _count(self) -> float:
-        return max(sum(float(self._kept(self.keys[2], i)) for i in range(1, self.n_tasks + 1)), 1.0)
+        return max(sum(float(self._kept(self.keys[2], i)) for i in self.indices), 1.0)
 
     def covariance(self) -> torch.Tensor:
         """The within-class covariance pooled over every task (float64, unshrunk)."""
-        scatter = sum(self._kept(self.keys[1], i).double() for i in range(1, self.n_tasks + 1))
+        scatter = sum(self._kept(self.keys[1], i).double() for i in self.indices)
         return scatter / self._count()
 
     def precision(self) -> torch.Tensor:
         """Inverse of the shrunk pooled covariance (float64), cached until a task is added."""
-        key = (self.n_tasks, self.means(1).device)
+        key = (self.n_tasks, self.means(self.indices[0]).device)
         if self._precision is None or self._precision[0] != key:
             self._precision = (key, torch.linalg.inv(shrink(self.covariance(), self.effective_shrinkage())))
         return self._precision[1]
@@ -303,7 +327,7 @@ class PooledGaussian(PerTaskBuffers):
     def log_likelihoods(self, features: torch.Tensor) -> torch.Tensor:
         """``[batch, classes]`` Gaussian log-likelihood of each feature under each class, up to a constant shared by
         every class: ``-(x - mean_c)^T P (x - mean_c) / 2`` (float64), classes in task order."""
-        means = torch.cat([self.means(i) for i in range(1, self.n_tasks + 1)])
+        means = torch.cat([self.means(i) for i in self.indices])
         return gaussian_log_likelihoods(features, means, self.precision())
 
     def best_per_task(self, scores: torch.Tensor) -> torch.Tensor:

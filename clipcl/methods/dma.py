@@ -44,7 +44,8 @@ from torch import nn
 
 from ..backbone import Backbone
 from ..errors import ClipclError
-from .base import ROUTE_ALL, Method, Prediction, Route, TaskInfo, register_method
+from .base import FROZEN_IMAGE_EMBEDDING, ROUTE_ALL, Method, Prediction, Route, TaskInfo, register_method
+from .catalog import builtin_summary
 from .components import ClassPrompts, ImageLoRA, LoraPromptConfig, check_shrinkage, shrinkage_value
 from .routing import AdaptedSpaces, TaskRouter
 
@@ -104,8 +105,9 @@ class DMA(Method):
     config_class = DMAConfig
     default_epochs = 10
     default_lr = 3e-3
-    summary = "LoRA per task on the image encoder + class-specific prompts; task-aware inference (default)"
+    summary = builtin_summary("dma")
     routes_tasks = True
+    independent_tasks = True  # each task's LoRA, prompts and statistics are its own; the router pools at restore
     inference_options = ("router", "router_shrinkage", "text_weight", "adapted_weight", "fit_weight", "class_mix",
                          "route")
 
@@ -183,8 +185,14 @@ class DMA(Method):
             route = self.config.route or ROUTE_ALL
         return n_tasks if route == ROUTE_ALL else max(1, min(int(route), n_tasks))
 
+    def frozen_features_key(self) -> str:
+        """The router's input is the frozen model's image embedding: the same for every task, so kept across
+        evaluations (:meth:`Method.frozen_features_key`)."""
+        return FROZEN_IMAGE_EMBEDDING
+
     @torch.no_grad()
     def frozen_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The normalised image features of the frozen encoder (every LoRA off): what the router scores."""
         with self.lora.disabled():
             return self.backbone.encode_images(images).float()
 
@@ -203,10 +211,12 @@ class DMA(Method):
         return class_scores, torch.zeros_like(task_scores, dtype=torch.bool).scatter_(1, best, True)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, route: Route = None) -> Prediction:
+    def predict(self, images: torch.Tensor, route: Route = None, frozen: torch.Tensor | None = None) -> Prediction:
         """One frozen pass picks each image's ``route`` most likely tasks, whose adapters then score their classes
-        (:meth:`combine`; see :mod:`clipcl.methods.routing`)."""
-        frozen = self.frozen_features(images)
+        (:meth:`combine`; see :mod:`clipcl.methods.routing`). ``frozen``: :meth:`frozen_features` of ``images``
+        computed earlier, which leaves only the adapters' passes to run (counted as ``route + 1`` all the same)."""
+        if frozen is None:
+            frozen = self.frozen_features(images)
         class_scores, selected = self.candidates(frozen, route)
         branches: dict[int, torch.Tensor] = {}
         passes = len(images)
@@ -214,7 +224,7 @@ class DMA(Method):
             for i, task in enumerate(self.tasks):
                 rows = selected[:, i].nonzero().squeeze(1)
                 if rows.numel():
-                    self.lora.activate(self.adapter_name(task))
+                    self.lora.select(self.adapter_name(task))  # cheap switch; peft's full one once, below
                     branches[i] = self.backbone.encode_images(images[rows]).float()
                     passes += len(rows)
         finally:

@@ -56,6 +56,7 @@ from torch import nn
 from ..backbone import Backbone
 from ..errors import ClipclError
 from .base import HybridClassifierConfig, Method, TaskInfo, hybrid_probabilities, register_method
+from .catalog import builtin_summary
 from .components import ImageLoRA, LoraPromptConfig, SharedPrompt
 from .gaussian import COVARIANCE_KINDS, GaussianBank, calibrate, estimate, fit_linear_map, map_gaussian
 
@@ -149,7 +150,7 @@ class DMC(Method):
     config_class = DMCConfig
     default_epochs = 5
     default_lr = 1e-3
-    summary = "two stages per task: shared LoRA on images, then a shared text prompt with Gaussian replay"
+    summary = builtin_summary("dmc")
     stages = (IMAGE_STAGE, TEXT_STAGE)
     inference_options = ("classifier", "text_weight")
     calibrates = False  # dmc-ot: move old class statistics by the encoder's drift after stage 1
@@ -325,5 +326,5 @@ class DMC(Method):
 class DMCOT(DMC):
     name = "dmc-ot"
     config_class = DMCOTConfig
-    summary = "dmc + optimal-transport calibration of old class statistics and task-specific prompt tokens"
+    summary = builtin_summary("dmc-ot")
     calibrates = True

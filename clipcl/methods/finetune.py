@@ -21,6 +21,7 @@ from torch import nn
 
 from ..backbone import Backbone
 from .base import Method, TaskInfo, clip_probabilities, register_method
+from .catalog import builtin_summary
 from .components import ClassPrompts, ImageLoRA, LoraPromptConfig
 
 SHARED_ADAPTER = "shared"
@@ -36,7 +37,7 @@ class Finetune(Method):
     config_class = FinetuneConfig
     default_epochs = 5
     default_lr = 1e-3
-    summary = "one shared LoRA + class prompts trained task after task, no protection (baseline, forgets)"
+    summary = builtin_summary("finetune")
 
     config: FinetuneConfig
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import ot
 import torch
 from torch import nn
 
@@ -92,6 +91,8 @@ def transport_plan(source: torch.Tensor, target: torch.Tensor, reg: float = 0.05
     source marginal exact and lets the target marginal deviate at that KL cost (``ot.sinkhorn_unbalanced``,
     semi-relaxed): each source point then goes to the targets near it, instead of spreading over all of them.
     """
+    import ot  # POT pulls in scipy and networkx (most of a second): only dmc-ot's calibration needs it
+
     source64, target64 = source.double().cpu(), target.double().cpu()
     cost = torch.cdist(source64, target64).pow(2)
     cost = cost / cost.max().clamp_min(1e-12)

@@ -104,10 +104,10 @@ class TaskRouter(PerTaskBuffers):
 
     def _class_cholesky(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Cholesky factors ``[classes, D, D]`` of every class's regularised covariance and their log-determinants."""
-        key = (self.n_tasks, self.gaussian.means(1).device)
+        tasks = self.gaussian.indices
+        key = (self.n_tasks, self.gaussian.means(tasks[0]).device)
         if self._class_factors is None or self._class_factors[0] != key:
             pooled = self.gaussian.covariance()
-            tasks = range(1, self.n_tasks + 1)
             scatters = self.kept_together("class_scatter", tasks).double()
             counts = self.kept_together("class_count", tasks).double()
             own = scatters / counts.clamp_min(1.0)[:, None, None]
@@ -122,7 +122,7 @@ class TaskRouter(PerTaskBuffers):
     def class_scores(self, features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
         """``[batch, classes]`` score of every class for frozen ``features`` (float64 log-likelihoods, or scaled
         cosines)."""
-        means = torch.cat([self.gaussian.means(i) for i in range(1, self.n_tasks + 1)])
+        means = torch.cat([self.gaussian.means(i) for i in self.gaussian.indices])
         if self.kind == "cosine":
             return (logit_scale.float() * features.float() @ F.normalize(means.float(), dim=-1).T).double()
         if self.kind == "class-covariance":
@@ -161,6 +161,7 @@ class AdaptedSpaces(PerTaskBuffers):
         super().__init__()
         self.shrinkage = shrinkage
         self.n_tasks = 0
+        self.last_index = 0  # numbers rise but may skip a removed task's
         self._precisions: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def statistics(self, features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict[str, torch.Tensor]:
@@ -175,7 +176,7 @@ class AdaptedSpaces(PerTaskBuffers):
 
     def add(self, task: TaskInfo, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         """Add a task's statistics (the dict :meth:`statistics` made, or its stored copy)."""
-        if task.index != self.n_tasks + 1:
+        if task.index <= self.last_index:
             raise ValueError(f"adapted-space statistics of task {task.index} added out of order")
         missing = [key for key in self.KEYS if key not in tensors]
         if missing:
@@ -183,6 +184,7 @@ class AdaptedSpaces(PerTaskBuffers):
         for key in self.KEYS:
             self.keep(self._name(key), task.index, tensors[key].to(device))
         self.n_tasks += 1
+        self.last_index = task.index
 
     @staticmethod
     def _name(key: str) -> str:

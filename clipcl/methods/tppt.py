@@ -55,6 +55,7 @@ from .base import (
     hybrid_probabilities,
     register_method,
 )
+from .catalog import builtin_summary
 from .components import PooledGaussian, SharedPrompt, TextAnchors
 from .losses import cross_entropy_over, distillation, text_to_image_contrastive
 from .visual_prompts import ATTENTIONS, GATES_KEY, TOKENS_KEY, DeepVisualPrompts
@@ -142,7 +143,7 @@ class TPPTV(Method):
     inference_options = ("classifier", "text_weight")
     default_epochs = 2  # with later_lr=0.01, 2 epochs matched 5 on validation at 2.5x less time (BENCHMARKS)
     default_lr = 1e-2  # the prompts' gates start at zero; at 1e-3 task 1 reached 74.9% instead of 83.0% (BENCHMARKS)
-    summary = "deep visual prompts guided by frozen class-text anchors (bidirectional loss), one prompt set"
+    summary = builtin_summary("tppt-v")
 
     config: TPPTConfig
 
@@ -246,7 +247,7 @@ class TPPTV(Method):
 class TPPTVT(TPPTV):
     name = "tppt-vt"
     config_class = TPPTVTConfig
-    summary = "tppt-v + a learned shared text context with a relational diversity regulariser"
+    summary = builtin_summary("tppt-vt")
 
     config: TPPTVTConfig
 

@@ -18,7 +18,8 @@ clipcl predict`` subprocesses against each copy:
   first run does;
 * **folder**: ``clipcl predict -w WS FOLDER --json`` over ``--folder-images`` images; images/s counts the images
   after the first batch over the time from the first output line to the last (the load and the first batch are in
-  the first answer), median of ``--repeats``.
+  the first answer), median of ``--repeats``. The runs go in rounds over the task counts, so that a change in the
+  machine's load falls on every count alike.
 
 The default model is a small ViT (64 px, 6 blocks of width 192; the shape of ../shared/bench's MiniCLIP-64) with
 random weights written once to a file; ``--model`` takes an open_clip architecture (``ViT-B-16``) or a model-config
@@ -182,25 +183,33 @@ def run_predict(workspace: Path, target: Path, batch_size: int, cache_dir: Path)
             "lines": len(lines)}
 
 
-def measure(args: argparse.Namespace, workdir: Path, workspace: Path, predict_folder: Path, one: Path
-            ) -> dict[str, Any]:
+def measure(args: argparse.Namespace, workdir: Path, workspaces: dict[int, Path], predict_folder: Path, one: Path
+            ) -> dict[int, dict[str, Any]]:
+    """Every figure for every task count, in rounds: each round measures every count in turn, so that a change in
+    the machine's load during the run falls on all of them alike (the medians are compared with each other)."""
     warm_cache = workdir / "user-cache"
-    run_predict(workspace, one, args.batch_size, warm_cache)  # warm-up: page cache, fingerprints kept
-    first = [run_predict(workspace, one, args.batch_size, warm_cache)["first_line_s"] for _ in range(args.repeats)]
-    cold = [run_predict(workspace, one, args.batch_size, Path(tempfile.mkdtemp(dir=workdir, prefix="cold-cache-"))
-                        )["first_line_s"] for _ in range(args.repeats)]
-    rates, totals = [], []
-    for _ in range(args.repeats):
-        run = run_predict(workspace, predict_folder, args.batch_size, warm_cache)
-        assert run["lines"] == args.folder_images, run
-        rates.append((args.folder_images - args.batch_size) / max(run["last_line_s"] - run["first_line_s"], 1e-9))
-        totals.append(args.folder_images / run["exit_s"])
-    return {
-        "first_answer_s": statistics.median(first), "first_answer_runs_s": first,
-        "first_answer_hashing_s": statistics.median(cold), "first_answer_hashing_runs_s": cold,
-        "folder_images_per_s": statistics.median(rates), "folder_images_per_s_runs": rates,
-        "folder_images_per_s_end_to_end": statistics.median(totals),
-    }
+    for workspace in workspaces.values():
+        run_predict(workspace, one, args.batch_size, warm_cache)  # warm-up: page cache, fingerprints kept
+    runs: dict[int, dict[str, list[float]]] = {count: {"first": [], "cold": [], "rate": [], "total": []}
+                                               for count in workspaces}
+    for round_number in range(args.repeats):
+        for count, workspace in workspaces.items():
+            kept = runs[count]
+            kept["first"].append(run_predict(workspace, one, args.batch_size, warm_cache)["first_line_s"])
+            empty = Path(tempfile.mkdtemp(dir=workdir, prefix="cold-cache-"))
+            kept["cold"].append(run_predict(workspace, one, args.batch_size, empty)["first_line_s"])
+            run = run_predict(workspace, predict_folder, args.batch_size, warm_cache)
+            assert run["lines"] == args.folder_images, run
+            kept["rate"].append((args.folder_images - args.batch_size) / max(run["last_line_s"] - run["first_line_s"],
+                                                                             1e-9))
+            kept["total"].append(args.folder_images / run["exit_s"])
+        print(f"  round {round_number + 1}/{args.repeats} done", flush=True)
+    return {count: {
+        "first_answer_s": statistics.median(kept["first"]), "first_answer_runs_s": kept["first"],
+        "first_answer_hashing_s": statistics.median(kept["cold"]), "first_answer_hashing_runs_s": kept["cold"],
+        "folder_images_per_s": statistics.median(kept["rate"]), "folder_images_per_s_runs": kept["rate"],
+        "folder_images_per_s_end_to_end": statistics.median(kept["total"]),
+    } for count, kept in runs.items()}
 
 
 def profile(workdir: Path, workspace: Path, one: Path, batch_size: int) -> dict[str, Any]:
@@ -254,13 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         model, pretrained = model_and_weights(args, workdir)
         folders, predict_folder, one = make_data(args, workdir, max(args.task_counts))
         workspaces = build_workspaces(args, workdir, model, pretrained, folders)
-        rows = {}
-        for count, workspace in workspaces.items():
-            rows[count] = measure(args, workdir, workspace, predict_folder, one)
-            row = rows[count]
-            print(f"  {count:>2} tasks: first answer {row['first_answer_s']:.2f} s "
-                  f"({row['first_answer_hashing_s']:.2f} s hashing the weights), "
-                  f"folder {row['folder_images_per_s']:.1f} images/s", flush=True)
+        rows = measure(args, workdir, workspaces, predict_folder, one)
         profiled = profile(workdir, workspaces[max(workspaces)], one, args.batch_size) if args.profile else None
     finally:
         if args.workdir is None and not args.keep:

@@ -273,10 +273,23 @@ def predict_images(workspace_path: Path | str, paths: Sequence[Path], top_k: int
         raise ClipclError("--top-k must be at least 1")
     accelerator = make_accelerator(precision)
     method = method or workspace.build_method(device=accelerator.device, overrides=options)
-    owners = [(task.index, task_names.get(task.index, "")) for task in method.tasks for _ in task.classes]
+    owners = class_owners(method, task_names)
     loader = DataLoader(_ImageFiles(paths, method.backbone.eval_transform, max_bytes), batch_size=batch_size,
                         num_workers=workers, collate_fn=_as_list)
     return _predict_batches(method, loader, paths, owners, min(top_k, len(owners)), route, accelerator)
+
+
+def class_owners(method: Method, task_names: dict[int, str]) -> list[tuple[int, str]]:
+    """Each class's task number and name, in the method's class order: what a :class:`ClassScore` names."""
+    return [(task.index, task_names.get(task.index, "")) for task in method.tasks for _ in task.classes]
+
+
+def top_classes(probs: torch.Tensor, k: int, classes: Sequence[str], owners: Sequence[tuple[int, str]]
+                ) -> list[list[ClassScore]]:
+    """Each row's ``k`` most probable classes, best first, with the task that learned each."""
+    values, indices = probs.topk(min(k, len(classes)), dim=1)
+    return [[ClassScore(classes[c], *owners[c], float(p)) for p, c in zip(row_values, row_indices, strict=True)]
+            for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True)]
 
 
 def _predict_batches(method: Method, loader: DataLoader, paths: Sequence[Path], owners: list[tuple[int, str]],
@@ -291,10 +304,7 @@ def _predict_batches(method: Method, loader: DataLoader, paths: Sequence[Path], 
             images = torch.stack([image for _, image in readable]).to(method.device)
             with torch.no_grad(), accelerator.autocast():
                 probs = method.predict(images, route=route).probs.float().cpu()
-            values, indices = probs.topk(k, dim=1)
-            for row, (i, _) in enumerate(readable):
-                top = [ClassScore(classes[c], *owners[c], float(p))
-                       for p, c in zip(values[row].tolist(), indices[row].tolist(), strict=True)]
+            for (i, _), top in zip(readable, top_classes(probs, k, classes, owners), strict=True):
                 results[i] = ImagePrediction(str(paths[i]), top)
         for i, _, _ in batch:
             yield results[i]

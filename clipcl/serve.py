@@ -48,7 +48,7 @@ from PIL import Image
 
 from .data import load_image_checked, why_unreadable
 from .errors import ClipclError
-from .inference import ClassScore, ImagePrediction, check_route, stored_matrix
+from .inference import ClassScore, ImagePrediction, check_route, class_owners, stored_matrix, top_classes
 from .methods import Method, Route, build_config, check_inference_overrides, get_method_class
 from .metrics import ContinualMetrics, continual_metrics
 from .reading import MAX_JSON_BYTES, MIB, format_size, read_bounded
@@ -211,10 +211,7 @@ def load_state(path: Path, options: dict[str, str], device: Any) -> ServedState:
     rows = task_rows(ws)
     matrix, sizes = stored_matrix(records)
     method = ws.build_method(device=device, overrides=options) if ws.tasks else None
-    names = {task.info.index: task.name for task in ws.tasks}
-    # as clipcl predict does (inference.predict_images): each class's task number and name, in the method's order
-    owners = [] if method is None else [(task.index, names.get(task.index, "")) for task in method.tasks
-                                         for _ in task.classes]
+    owners = [] if method is None else class_owners(method, {task.info.index: task.name for task in ws.tasks})
     return ServedState(ws, before, method, owners, rows, matrix, continual_metrics(matrix, sizes))
 
 
@@ -378,11 +375,7 @@ class Batcher:
         for job in jobs:
             rows = probs[row:row + len(job.images)]
             row += len(job.images)
-            values, indices = rows.topk(min(job.top_k, len(classes)), dim=1)
-            top = [[ClassScore(classes[c], *state.owners[c], float(p))
-                    for p, c in zip(values[i].tolist(), indices[i].tolist(), strict=True)]
-                   for i in range(len(job.images))]
-            job.future.set_result(Answer(state, top))
+            job.future.set_result(Answer(state, top_classes(rows, job.top_k, classes, state.owners)))
 
     def _probabilities(self, state: ServedState, images: list[torch.Tensor]) -> torch.Tensor:
         method = state.method

@@ -23,7 +23,6 @@ _FROM_BASE = (
     "build_config",
     "check_inference_overrides",
     "get_method_class",
-    "method_summaries",
     "parse_route",
     "register_method",
 )
@@ -36,19 +35,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "BUILTIN_METHODS",
-    "ROUTE_ALL",
-    "Method",
-    "MethodConfig",
-    "Prediction",
-    "Route",
-    "TaskInfo",
-    "available_methods",
-    "build_config",
-    "check_inference_overrides",
-    "get_method_class",
-    "method_summaries",
-    "parse_route",
-    "register_method",
-]
+__all__ = ["BUILTIN_METHODS", "method_summaries", *_FROM_BASE]
